@@ -1,0 +1,330 @@
+"""The admin interface: Envoy's admin endpoints, served by aiohttp.
+
+Endpoint names and response shapes follow Envoy's admin API wherever Envoy
+has the endpoint, so existing dashboards, probes and scripts keep working.
+Everything here reads in-memory state on the event loop: no handler blocks,
+and nothing is logged per request except errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from typing import Any, Awaitable, Callable, Iterable, Protocol
+
+from aiohttp import web
+
+log = logging.getLogger("outrider.admin")
+
+TEXT = "text/plain"
+JSON_TYPE = "application/json"
+
+#: How long stopping the admin waits for in-flight admin requests. They are
+#: all quick, so a long wait only delays shutdown behind a stuck client.
+SHUTDOWN_TIMEOUT = 2.0
+
+
+class AdminServer(Protocol):
+    """What the admin interface reads from (and tells) the running server."""
+
+    stats: Any  # StatsStore: iterates over every stat, sorted by name
+    registry: Any  # Registry
+    config: dict[str, Any]
+    config_source: str
+    clusters: dict[str, Any]
+    listeners: list[Any]
+    version: str
+    start_time: float
+    state: str
+    healthcheck_failed: bool
+    pid: int
+
+    def request_shutdown(self) -> None: ...
+
+
+SERVER_KEY = web.AppKey("outrider_server", object)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# -- response helpers ----------------------------------------------------------
+
+
+def _server(request: web.Request) -> AdminServer:
+    return request.app[SERVER_KEY]  # type: ignore[return-value]
+
+
+def _text(body: str, status: int = 200) -> web.Response:
+    return web.Response(text=body, status=status, content_type=TEXT)
+
+
+def _json(body: Any) -> web.Response:
+    # default=str: the config may carry values a YAML loader produced (dates,
+    # custom scalars); a dump must never fail over one of them.
+    return web.Response(text=json.dumps(body, indent=2, default=str) + "\n", content_type=JSON_TYPE)
+
+
+def _formatted(request: web.Request, text: Callable[[], str], data: Callable[[], Any]) -> web.Response:
+    """Answer with ``text()`` or, for ``?format=json``, with ``data()`` as JSON.
+
+    Both are callables so that only the requested form is built.
+    """
+    fmt = request.query.get("format", "text")
+    if fmt == "json":
+        return _json(data())
+    if fmt == "text":
+        return _text(text())
+    raise web.HTTPBadRequest(text=f"unknown format {fmt!r}: use format=json or format=text\n")
+
+
+def _lines(lines: Iterable[str]) -> str:
+    return "".join(f"{line}\n" for line in lines)
+
+
+def _effective_state(server: AdminServer) -> str:
+    # As in Envoy, a live server whose health check was failed by an operator
+    # reports DRAINING: it is telling load balancers to take it out.
+    if server.state == "LIVE" and server.healthcheck_failed:
+        return "DRAINING"
+    return server.state
+
+
+# -- read-only endpoints ---------------------------------------------------------
+
+
+async def _index(request: web.Request) -> web.Response:
+    return _text(f"outrider admin\n\n{_endpoint_list()}")
+
+
+async def _ready(request: web.Request) -> web.Response:
+    state = _effective_state(_server(request))
+    return _text(f"{state}\n", status=200 if state == "LIVE" else 503)
+
+
+async def _stats(request: web.Request) -> web.Response:
+    pattern = request.query.get("filter")
+    try:
+        regex = re.compile(pattern) if pattern else None
+    except re.error as exc:
+        raise web.HTTPBadRequest(text=f"invalid regex in filter {pattern!r}: {exc}\n") from None
+    used_only = "usedonly" in request.query
+    # Take (name, value) pairs once so both output forms show the same snapshot.
+    stats = [
+        (s.name, s.value)
+        for s in _server(request).stats
+        if (regex is None or regex.search(s.name)) and (not used_only or s.value)
+    ]
+    return _formatted(
+        request,
+        lambda: _lines(f"{name}: {value}" for name, value in stats),
+        lambda: {"stats": [{"name": name, "value": value} for name, value in stats]},
+    )
+
+
+def _health_flags(host: Any) -> str:
+    # Only active health checking marks hosts unhealthy today, hence the one flag.
+    return "healthy" if host.healthy else "/failed_active_hc"
+
+
+def _host_stats(host: Any) -> dict[str, int]:
+    return {"cx_active": host.active_connections, "rq_active": host.active_requests}
+
+
+def _clusters_text(clusters: list[Any]) -> str:
+    lines = []
+    for cluster in clusters:
+        for host in cluster.hosts:
+            prefix = f"{cluster.name}::{host.address}"
+            lines += [f"{prefix}::{stat}::{value}" for stat, value in _host_stats(host).items()]
+            lines.append(f"{prefix}::health_flags::{_health_flags(host)}")
+            lines.append(f"{prefix}::weight::{host.weight}")
+    return _lines(lines)
+
+
+def _clusters_json(clusters: list[Any]) -> dict[str, Any]:
+    return {
+        "cluster_statuses": [
+            {
+                "name": cluster.name,
+                # Envoy's name for "the name this cluster's stats are under".
+                "observability_name": cluster.stats_scope_prefix.removeprefix("cluster."),
+                "host_statuses": [
+                    {
+                        "address": host.address,
+                        "weight": host.weight,
+                        "health_status": "HEALTHY" if host.healthy else "UNHEALTHY",
+                        "stats": _host_stats(host),
+                    }
+                    for host in cluster.hosts
+                ],
+            }
+            for cluster in clusters
+        ]
+    }
+
+
+async def _clusters(request: web.Request) -> web.Response:
+    clusters = list(_server(request).clusters.values())
+    return _formatted(request, lambda: _clusters_text(clusters), lambda: _clusters_json(clusters))
+
+
+async def _config_dump(request: web.Request) -> web.Response:
+    server = _server(request)
+    return _json({"source": server.config_source, "config": server.config})
+
+
+async def _server_info(request: web.Request) -> web.Response:
+    server = _server(request)
+    # No hot restart, so the current epoch is the only one.
+    uptime = int(time.time() - server.start_time)
+    return _json(
+        {
+            "version": server.version,
+            "state": _effective_state(server),
+            "uptime_current_epoch": uptime,
+            "uptime_all_epochs": uptime,
+            "hot_restart_version": "disabled",
+            "command_line_options": {"config_path": server.config_source},
+            "pid": server.pid,
+        }
+    )
+
+
+def _addresses(listener: Any) -> list[str]:
+    # Before a listener binds there is nothing to report but what was asked for.
+    return list(listener.bound_addresses) or [listener.address]
+
+
+async def _listeners(request: web.Request) -> web.Response:
+    listeners = list(_server(request).listeners)
+    return _formatted(
+        request,
+        lambda: _lines(f"{ls.name}::{address}" for ls in listeners for address in _addresses(ls)),
+        lambda: {
+            "listener_statuses": [
+                {
+                    "name": ls.name,
+                    "protocol": ls.protocol,
+                    "local_address": _addresses(ls)[0],
+                    "bound_addresses": list(ls.bound_addresses),
+                }
+                for ls in listeners
+            ]
+        },
+    )
+
+
+async def _extensions(request: web.Request) -> web.Response:
+    return _json(
+        [
+            {
+                "category": ext.category,
+                "name": ext.name,
+                "status": ext.status,
+                "security_posture": ext.security_posture,
+                "description": ext.description,
+                "distribution": ext.distribution,
+                "version": ext.version,
+                "listener_protocol": ext.listener_protocol,
+            }
+            for ext in _server(request).registry.all()
+        ]
+    )
+
+
+# -- mutating endpoints (POST only) ---------------------------------------------
+
+
+async def _healthcheck_fail(request: web.Request) -> web.Response:
+    _server(request).healthcheck_failed = True
+    return _text("OK\n")
+
+
+async def _healthcheck_ok(request: web.Request) -> web.Response:
+    _server(request).healthcheck_failed = False
+    return _text("OK\n")
+
+
+async def _quitquitquit(request: web.Request) -> web.Response:
+    response = _text("OK\n")
+    # The process is going away: don't leave the client on a keep-alive
+    # connection, and finish the answer before asking for the shutdown.
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    asyncio.get_running_loop().call_soon(_server(request).request_shutdown)
+    return response
+
+
+#: (method, path, handler, one-line description): drives the routes, the index
+#: and the 404 hint, so they cannot disagree.
+ENDPOINTS: tuple[tuple[str, str, Handler, str], ...] = (
+    ("GET", "/", _index, "this list"),
+    ("GET", "/ready", _ready, "200 LIVE when serving, else 503 and the state"),
+    ("GET", "/stats", _stats, "all stats; ?filter=REGEX, ?usedonly, ?format=json"),
+    ("GET", "/clusters", _clusters, "upstream hosts, their load and health; ?format=json"),
+    ("GET", "/config_dump", _config_dump, "the running configuration, as JSON"),
+    ("GET", "/server_info", _server_info, "version, state, uptime, pid"),
+    ("GET", "/listeners", _listeners, "listeners and their bound addresses; ?format=json"),
+    ("GET", "/extensions", _extensions, "installed extensions, as JSON"),
+    ("POST", "/healthcheck/fail", _healthcheck_fail, "fail the health check (/ready answers 503)"),
+    ("POST", "/healthcheck/ok", _healthcheck_ok, "undo /healthcheck/fail"),
+    ("POST", "/quitquitquit", _quitquitquit, "shut the server down gracefully"),
+)
+
+
+def _endpoint_list() -> str:
+    return _lines(f"  {method:<4} {path:<18} {doc}" for method, path, _, doc in ENDPOINTS)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A 404 that says what exists; a logged 500 for a bug in a handler."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return _text(f"no admin endpoint at {request.path}; the endpoints are:\n{_endpoint_list()}", status=404)
+    except web.HTTPException:
+        raise  # 400s from handlers, aiohttp's 405
+    except Exception:
+        log.exception("admin %s %s failed", request.method, request.path)
+        return _text("internal error; see the server log\n", status=500)
+
+
+# -- public API -----------------------------------------------------------------
+
+
+def build_admin_app(server: AdminServer) -> web.Application:
+    """The admin aiohttp application for ``server`` (not yet bound)."""
+    app = web.Application(middlewares=[_errors])
+    app[SERVER_KEY] = server
+    for method, path, handler, _ in ENDPOINTS:
+        if method == "GET":
+            app.router.add_get(path, handler)  # also answers HEAD, which some probes send
+        else:
+            app.router.add_route(method, path, handler)
+    return app
+
+
+async def start_admin(server: AdminServer, host: str, port: int) -> web.AppRunner:
+    """Serve the admin interface on ``host:port``; the caller owns the returned
+    runner and calls ``runner.cleanup()`` to stop it. ``port`` 0 picks a free
+    port: read it back with :func:`bound_port`. A bind failure raises OSError."""
+    # access_log=None: per-request logging is the data path's job, not ours.
+    runner = web.AppRunner(build_admin_app(server), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    await runner.setup()
+    try:
+        # Addresses are written "[::1]:9901"; the socket wants the bare host.
+        await web.TCPSite(runner, host.strip("[]"), port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The port ``runner`` (from :func:`start_admin`) actually listens on."""
+    return int(runner.addresses[0][1])

@@ -1,0 +1,921 @@
+"""Sans-I/O HTTP/1.1 parsers and serialisers: the http1 codec's hot path.
+
+No sockets and no asyncio here: the connection feeds bytes in, and the parser
+calls its handler back with heads, body chunks, trailers and "message
+complete". Parsing is strict in the way Envoy's and llhttp's strict modes are,
+because an ambiguity a proxy tolerates is a request-smuggling hole between it
+and the next hop: lines end in CRLF, framing headers are exact, and every
+violation is a :class:`ParseError` carrying the status the proxy answers and a
+short reason code for stats and logs.
+
+Speed comes from doing per-message work in C: the end of a head is found with
+one ``bytes.find`` that never rescans, the head is decoded once (latin-1, so
+every byte round-trips), one ``bytes.translate`` rejects control characters
+and bare CR/LF across the whole head, lines are split once, and validated
+header names are remembered in a small bounded dict. Body bytes are handed out
+as slices of what was fed (the whole fed object when it is all body), never
+accumulated.
+
+Measured on this machine (CPython 3.11.7, ``timeit``, best of 7, no-op
+handler methods; a slow 2-vCPU Xeon where a bare ``bytes.find`` over a
+250-byte head already costs ~0.15 us):
+
+* a typical GET (request line + 6 headers, 250 bytes), one ``feed``:
+  ~3.9 us on a kept-alive parser, ~4.2 us including creating the parser;
+* a 200 response with 5 headers and a 13-byte content-length body, from
+  ``expect`` to ``on_message_complete``: ~4.0 us (~4.7 us with a new parser);
+* ``serialize_request_head`` of that GET: ~1.1 us.
+
+About 1.4 us of a GET is the per-header loop (partition, cached name, trim,
+append: ~0.2 us a line); the rest is split across finding, decoding, checking
+and splitting the head (~0.7 us) and the request line and framing (~0.8 us).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from http import HTTPStatus
+from typing import Protocol
+
+from outrider.http.message import Headers, RequestHead, ResponseHead
+
+__all__ = [
+    "LAST_CHUNK",
+    "ParseError",
+    "RequestHandler",
+    "RequestParser",
+    "ResponseHandler",
+    "ResponseParser",
+    "encode_chunk",
+    "encode_trailers",
+    "serialize_request_head",
+    "serialize_response_head",
+]
+
+
+class ParseError(Exception):
+    """Malformed or unsupported input.
+
+    ``status`` is what the proxy answers (400, 431, 501, 505 for requests; 502
+    for anything wrong in a response); ``reason`` is a snake_case code for stat
+    names and logs; ``detail`` is free text for humans.
+    """
+
+    def __init__(self, status: int, reason: str, detail: str = "") -> None:
+        super().__init__(status, reason, detail)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        text = f"{self.status} {self.reason}"
+        return f"{text}: {self.detail}" if self.detail else text
+
+
+class RequestHandler(Protocol):
+    """What :class:`RequestParser` calls."""
+
+    def on_request_head(self, head: RequestHead) -> None: ...
+    def on_body(self, data: bytes) -> None: ...
+    def on_trailers(self, trailers: Headers) -> None: ...
+    def on_message_complete(self) -> bool | None: ...
+
+
+class ResponseHandler(Protocol):
+    """What :class:`ResponseParser` calls."""
+
+    def on_informational(self, head: ResponseHead) -> None: ...
+    def on_response_head(self, head: ResponseHead) -> None: ...
+    def on_body(self, data: bytes) -> None: ...
+    def on_trailers(self, trailers: Headers) -> None: ...
+    def on_message_complete(self) -> bool | None: ...
+
+
+# --------------------------------------------------------------------------
+# Character classes and limits
+
+_TCHAR = r"!#$%&'*+\-.^_`|~0-9A-Za-z"  # RFC 9110 5.6.2
+_TOKEN = re.compile(f"[{_TCHAR}]+")
+_VERSION = re.compile(r"HTTP/[0-9]\.[0-9]")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
+# reg-name / IP-literal / IPv4 plus an optional port (RFC 3986 3.2.2); no
+# userinfo, no whitespace, no "/" or "?" that could shift routing.
+_HOST = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:\[\]%]*")
+
+# Bytes a head may hold besides its CRLFs: HTAB, SP, VCHAR, obs-text. Deleting
+# them leaves only control characters, so a clean head translates to exactly
+# its CRLF separators (any extra byte is a CTL, a bare CR or a bare LF).
+_FIELD_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
+# The first offending character of a head, for the error path only.
+_BAD_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+# The same, over an unterminated head, so that a client that ends lines with
+# a bare LF is refused at once instead of waiting for a CRLFCRLF that never
+# comes. A CR at the very end of the data is not judged until the next byte.
+_PARTIAL_BAD = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r[^\n]|[^\r]\n")
+
+# chunk = chunk-size [ chunk-ext ] CRLF (RFC 9112 7.1); extensions are parsed
+# to be refused when malformed, then dropped.
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_TOKEN_B = b"[" + _TCHAR.encode() + b"]+"
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})"
+    rb"(?:[ \t]*;[ \t]*" + _TOKEN_B + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN_B + b"|" + _QUOTED + rb"))?)*"
+)
+_MAX_CHUNK_LINE = 4096
+_MAX_BLANK_LINES = 8  # CRLFs tolerated before a request line (RFC 9112 2.2)
+_MAX_INFORMATIONAL = 16  # 1xx responses tolerated before a final one
+_CACHE_MAX = 1024
+
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
+
+#: Validated header names as received -> lower-case. Shared by all parsers;
+#: bounded so that random names cannot grow it without limit.
+_NAME_CACHE: dict[str, str] = {}
+# Seed both spellings of common names so most heads never miss.
+for _name in (
+    "Host", "User-Agent", "Accept", "Accept-Encoding", "Accept-Language", "Accept-Ranges", "Age",
+    "Authorization", "Cache-Control", "Connection", "Content-Encoding", "Content-Length", "Content-Type",
+    "Cookie", "Date", "ETag", "Expect", "Expires", "If-Modified-Since", "If-None-Match", "Keep-Alive",
+    "Last-Modified", "Location", "Origin", "Pragma", "Range", "Referer", "Server", "Set-Cookie", "TE",
+    "Trailer", "Transfer-Encoding", "Upgrade", "Vary", "Via", "X-Forwarded-For", "X-Forwarded-Proto",
+    "X-Request-Id", "Traceparent", "Tracestate",
+):
+    _NAME_CACHE[_name] = _NAME_CACHE[_name.lower()] = _name.lower()
+del _name
+
+#: Validated names for the serialisers.
+_OUT_NAMES: set[str] = set(_NAME_CACHE.values())
+#: Host values that passed ``_HOST``.
+_HOST_CACHE: set[str] = set()
+
+_REQUEST_SPECIAL = frozenset(("host", "content-length", "transfer-encoding", "connection", "expect"))
+_RESPONSE_SPECIAL = frozenset(("content-length", "transfer-encoding", "connection"))
+# Framing and routing fields must not arrive late, in trailers, where a
+# next hop that merges trailers into headers would act on them.
+_FORBIDDEN_TRAILERS = frozenset(("content-length", "transfer-encoding", "host"))
+
+_HEAD, _BODY_LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _BODY_EOF = range(7)
+
+
+def _field_name(line: str, name: str, sep: str, status: int) -> str:
+    """Validate a header name missing from the cache; returns it lower-cased."""
+    if line[0] == " " or line[0] == "\t":
+        raise ParseError(status, "obs_fold", "header line starts with whitespace")
+    if not sep:
+        raise ParseError(status, "invalid_header_name", "header line without a colon")
+    if not name:
+        raise ParseError(status, "invalid_header_name", "empty header name")
+    if _TOKEN.fullmatch(name) is None:
+        if _TOKEN.fullmatch(name.rstrip(" \t")):
+            raise ParseError(status, "invalid_header_name", f"whitespace before colon in {name.strip()!r}")
+        raise ParseError(status, "invalid_header_name", f"invalid header name {name[:64]!r}")
+    lname = name.lower()
+    if len(_NAME_CACHE) < _CACHE_MAX:
+        _NAME_CACHE[name] = lname
+    return lname
+
+
+def _parse_fields(
+    lines: list[str], first: int, special: frozenset[str], drop: str | None, status: int
+) -> tuple[Headers, list[tuple[str, str]] | None]:
+    """Header lines ``lines[first:]`` -> (Headers, the special fields seen).
+
+    Control characters and bare CR/LF were already ruled out for the whole
+    block, so a line needs only its name checked and its value trimmed.
+    Fields named in ``special`` are also returned separately so framing is
+    decided without a second pass; the one named ``drop`` (Host) is left out
+    of the Headers.
+    """
+    headers = Headers()
+    append = headers.append
+    cached = _NAME_CACHE.get
+    specials = None
+    it = iter(lines)
+    if first:
+        next(it)
+    for line in it:
+        name, sep, value = line.partition(":")
+        lname = cached(name)
+        if lname is None or not sep:
+            lname = _field_name(line, name, sep, status)
+        value = value.strip(" \t")  # not strip(): NBSP (0xa0) is data here
+        if lname in special:
+            if specials is None:
+                specials = []
+            specials.append((lname, value))
+            if lname == drop:
+                continue
+        append((lname, value))
+    return headers, specials
+
+
+def _char_error(text: str, status: int, first_line_reason: str | None) -> ParseError:
+    """The error for the first CTL or bare CR/LF in ``text`` (error path)."""
+    m = _BAD_CHAR.search(text)
+    i = m.start() if m else 0
+    char = text[i : i + 1]
+    if char in ("\r", "\n"):
+        return ParseError(status, "bare_cr_or_lf", f"bare {'CR' if char == chr(13) else 'LF'} at offset {i}")
+    line_start = text.rfind("\r\n", 0, i)
+    line_start = 0 if line_start < 0 else line_start + 2
+    detail = f"control character 0x{ord(char):02x} at offset {i}"
+    if line_start == 0 and first_line_reason:
+        return ParseError(status, first_line_reason, detail)
+    if text.find(":", line_start, i) < 0:
+        return ParseError(status, "invalid_header_name", detail)
+    return ParseError(status, "invalid_header_value", detail)
+
+
+def _content_length(values: list[str], status: int) -> tuple[int, bool]:
+    """The one length that all Content-Length values agree on, and whether
+    the header needs rewriting to a single canonical field."""
+    result = -1
+    items = 0
+    for value in values:
+        for item in value.split(",") if "," in value else (value,):
+            item = item.strip(" \t")
+            # isdecimal, not isdigit: "²" (0xb2) is a digit to Python.
+            if not item.isdecimal() or not item.isascii() or len(item) > 19:
+                raise ParseError(status, "invalid_content_length", f"invalid Content-Length {item[:32]!r}")
+            length = int(item)
+            if result < 0:
+                result = length
+            elif length != result:
+                raise ParseError(status, "duplicate_content_length", "differing Content-Length values")
+            items += 1
+    return result, items > 1
+
+
+def _connection_tokens(values: list[str]) -> set[str]:
+    tokens: set[str] = set()
+    for value in values:
+        tokens.update(t.strip(" \t").lower() for t in value.split(","))
+    return tokens
+
+
+def _canonical_length(headers: Headers, length: int) -> None:
+    """Collapse repeated/listed Content-Length into one field, in place."""
+    index = next(i for i, (name, _) in enumerate(headers) if name == "content-length")
+    headers.remove_all("content-length")
+    headers.insert(index, ("content-length", str(length)))
+
+
+# --------------------------------------------------------------------------
+# Parsers
+
+
+class _Parser:
+    """Buffering, the run loop, bodies and trailers; subclasses parse heads."""
+
+    #: Responses answer every error with 502; requests use the given status.
+    _FORCE_STATUS = 0
+    _IS_RESPONSE = False
+
+    def __init__(self, handler, *, max_header_bytes: int = 60 * 1024, max_headers: int = 100) -> None:
+        self._handler = handler
+        self._max_header_bytes = max_header_bytes
+        self._max_headers = max_headers
+        self._buf = bytearray()  # unparsed bytes kept between feeds
+        self._state = _HEAD
+        self._scanned = 0  # bytes of the current unterminated head/trailers already searched
+        self._remaining = 0  # body bytes left in a content-length body or the current chunk
+        self._blank_lines = 0
+        self._error: ParseError | None = None
+        self._eof = False
+        self._eof_done = False
+        #: True while the parser holds input back (after ``on_message_complete``
+        #: returned truthy, or when the handler sets it); see :meth:`resume`.
+        self.paused = False
+
+    # -- public API ------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Parse as much of ``data`` as possible, calling the handler.
+
+        Raises :class:`ParseError`; after that the parser is dead and every
+        later call raises the same error. While paused, data is only kept.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._eof:
+            raise RuntimeError("feed() after feed_eof()")
+        if not data:
+            return
+        buf = self._buf
+        if buf or self.paused:
+            buf += data
+            if not self.paused:
+                self._process(buf)
+        else:
+            # Common case: nothing held back, parse the caller's object itself.
+            self._process(data)
+
+    def feed_eof(self) -> None:
+        """The peer half-closed. Raises :class:`ParseError` if that cuts a
+        message short; while paused, the check waits for :meth:`resume`."""
+        if self._error is not None:
+            raise self._error
+        self._eof = True
+        if not self.paused:
+            self._finish_eof()
+
+    def resume(self) -> None:
+        """Un-pause and parse the bytes retained while paused."""
+        if not self.paused:
+            return
+        self.paused = False
+        if self._error is not None:
+            raise self._error
+        if self._buf:
+            self._process(self._buf)
+        if self._eof and not self.paused:
+            self._finish_eof()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held unparsed (the caller bounds memory with it)."""
+        return len(self._buf)
+
+    def idle(self) -> bool:
+        """True between messages with nothing buffered."""
+        return self._state == _HEAD and not self._buf
+
+    def take_buffered(self) -> bytes:
+        """Remove and return the unparsed bytes, e.g. to hand what follows a
+        CONNECT or an Upgrade to a tunnel. Call it while paused, once
+        ``feed``/``resume`` has returned (not from inside a callback)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        self._scanned = 0
+        return data
+
+    # -- internals --------------------------------------------------------
+
+    def _err(self, status: int, reason: str, detail: str = "") -> ParseError:
+        return ParseError(self._FORCE_STATUS or status, reason, detail)
+
+    def _process(self, buf: bytes | bytearray) -> None:
+        try:
+            pos = self._run(buf)
+        except ParseError as exc:
+            self._error = exc
+            self._buf = bytearray()
+            raise
+        if buf is self._buf:
+            if pos:
+                del buf[:pos]
+        elif pos < len(buf):
+            self._buf += memoryview(buf)[pos:]
+
+    def _run(self, buf: bytes | bytearray) -> int:
+        """Parse ``buf`` from 0; returns how many bytes were consumed."""
+        pos = 0
+        n = len(buf)
+        copy = type(buf) is not bytes  # body chunks handed out must be bytes
+        handler = self._handler
+        while pos < n and not self.paused:
+            state = self._state
+            if state == _HEAD:
+                if self._scanned == 0:
+                    if self._IS_RESPONSE:
+                        self._check_outstanding()
+                    elif buf[pos] == 13:  # CR: maybe an empty line before the request line
+                        if pos + 1 >= n:
+                            break
+                        if buf[pos + 1] == 10:
+                            self._blank_lines += 1
+                            if self._blank_lines > _MAX_BLANK_LINES:
+                                raise self._err(400, "invalid_request_line", "too many empty lines before the request")
+                            pos += 2
+                            continue
+                # Resume where the last search stopped, less 3 bytes in case
+                # the terminator straddles two feeds.
+                scanned = self._scanned
+                end = buf.find(b"\r\n\r\n", pos + scanned - 3 if scanned > 3 else pos)
+                if end < 0:
+                    self._unterminated(buf, pos, n)
+                    break
+                self._scanned = 0
+                self._on_head(buf, pos, end)
+                pos = end + 4
+            elif state == _BODY_LENGTH or state == _CHUNK_DATA:
+                remaining = self._remaining
+                if n - pos <= remaining:
+                    # All that is left of this buffer is body: no slicing when
+                    # the caller's whole object is body.
+                    chunk = buf[pos:] if pos else buf
+                    self._remaining = remaining - (n - pos)
+                    pos = n
+                    handler.on_body(bytes(chunk) if copy else chunk)
+                    if self._remaining:
+                        continue
+                else:
+                    end = pos + remaining
+                    chunk = buf[pos:end]
+                    pos = end
+                    self._remaining = 0
+                    handler.on_body(bytes(chunk) if copy else chunk)
+                if state == _CHUNK_DATA:
+                    self._state = _CHUNK_CRLF
+                else:
+                    self._complete()
+            elif state == _CHUNK_SIZE:
+                eol = buf.find(b"\r\n", pos, pos + _MAX_CHUNK_LINE + 2)
+                if eol < 0:
+                    if n - pos > _MAX_CHUNK_LINE + 1:
+                        raise self._err(400, "invalid_chunk_size", "chunk size line too long")
+                    # No CRLF yet, so any LF is bare; a CR is fine only last.
+                    if buf.find(b"\n", pos, n) >= 0 or buf.find(b"\r", pos, n - 1) >= 0:
+                        raise self._err(400, "invalid_chunk_size", "chunk size line not ended by CRLF")
+                    break
+                m = _CHUNK_LINE.fullmatch(buf, pos, eol)
+                if m is None:
+                    raise self._err(400, "invalid_chunk_size", f"invalid chunk size line {bytes(buf[pos:eol][:40])!r}")
+                size = int(m.group(1), 16)
+                pos = eol + 2
+                if size:
+                    self._state = _CHUNK_DATA
+                    self._remaining = size
+                else:
+                    self._state = _TRAILERS
+            elif state == _CHUNK_CRLF:
+                if buf[pos] != 13 or (pos + 1 < n and buf[pos + 1] != 10):
+                    raise self._err(400, "invalid_chunk_data", "chunk data not followed by CRLF")
+                if pos + 1 >= n:
+                    break  # keep the CR, wait for the LF
+                pos += 2
+                self._state = _CHUNK_SIZE
+            elif state == _TRAILERS:
+                if self._scanned == 0 and buf[pos] == 13:
+                    if pos + 1 >= n:
+                        break
+                    if buf[pos + 1] == 10:  # no trailer section
+                        pos += 2
+                        self._complete()
+                        continue
+                scanned = self._scanned
+                end = buf.find(b"\r\n\r\n", pos + scanned - 3 if scanned > 3 else pos)
+                if end < 0:
+                    self._unterminated(buf, pos, n)
+                    break
+                self._scanned = 0
+                self._on_trailers(buf, pos, end)
+                pos = end + 4
+                self._complete()
+            else:  # _BODY_EOF: everything up to the close is body
+                chunk = buf[pos:] if pos else buf
+                pos = n
+                handler.on_body(bytes(chunk) if copy else chunk)
+        return pos
+
+    def _unterminated(self, buf: bytes | bytearray, start: int, n: int) -> None:
+        """Judge the head/trailers begun at ``start`` whose CRLFCRLF has not
+        arrived yet: what is already wrong, or already too large, fails now."""
+        scanned = self._scanned
+        first_line = None
+        if self._state == _HEAD:
+            first_line = "invalid_status_line" if self._IS_RESPONSE else "invalid_request_line"
+        if (scanned == 0 and buf[start] == 10) or _PARTIAL_BAD.search(
+            buf, start + scanned - 1 if scanned else start
+        ):
+            raise _char_error(buf[start:n].decode("latin-1"), self._FORCE_STATUS or 400, first_line)
+        if n - start >= self._max_header_bytes:
+            self._too_large(n - start)
+        self._scanned = n - start
+
+    def _too_large(self, size: int) -> None:
+        what = "headers" if self._state == _HEAD else "trailers"
+        raise self._err(431, f"{what}_too_large", f"{what} exceed {self._max_header_bytes} bytes ({size}+)")
+
+    def _block_lines(self, buf: bytes | bytearray, start: int, end: int, first_line: str | None) -> list[str]:
+        """Decode, check and split the block ``buf[start:end]``."""
+        raw = buf[start:end]
+        text = raw.decode("latin-1")
+        lines = text.split("\r\n")
+        if len(raw.translate(None, _FIELD_BYTES)) != 2 * len(lines) - 2:
+            raise _char_error(text, self._FORCE_STATUS or 400, first_line)
+        if end + 4 - start > self._max_header_bytes:
+            self._too_large(end + 4 - start)
+        fields = len(lines) - (first_line is not None)
+        if fields > self._max_headers:
+            what = "headers" if first_line else "trailers"
+            raise self._err(431, f"too_many_{what}", f"{fields} {what}, limit {self._max_headers}")
+        return lines
+
+    def _on_trailers(self, buf: bytes | bytearray, start: int, end: int) -> None:
+        lines = self._block_lines(buf, start, end, None)
+        trailers, specials = _parse_fields(lines, 0, _FORBIDDEN_TRAILERS, None, self._FORCE_STATUS or 400)
+        if specials:
+            raise self._err(400, "forbidden_trailer", f"{specials[0][0]} in trailers")
+        if trailers:
+            self._handler.on_trailers(trailers)
+
+    def _complete(self) -> None:
+        self._state = _HEAD
+        self._blank_lines = 0
+        if self._handler.on_message_complete():
+            self.paused = True
+
+    def _on_head(self, buf: bytes | bytearray, start: int, end: int) -> None:
+        raise NotImplementedError
+
+    def _check_outstanding(self) -> None:
+        pass
+
+    def _finish_eof(self) -> None:
+        raise NotImplementedError
+
+
+class RequestParser(_Parser):
+    """Parses requests from a client; see the module docstring.
+
+    The handler gets ``on_request_head(RequestHead)``, ``on_body(bytes)``
+    (chunked framing removed), ``on_trailers(Headers)`` (non-empty chunked
+    trailers only) and ``on_message_complete()``; a truthy return from the
+    latter pauses the parser right after that message.
+    """
+
+    def __init__(
+        self, handler: RequestHandler, *, max_header_bytes: int = 60 * 1024, max_headers: int = 100
+    ) -> None:
+        super().__init__(handler, max_header_bytes=max_header_bytes, max_headers=max_headers)
+
+    def _finish_eof(self) -> None:
+        if self._eof_done:
+            return
+        self._eof_done = True
+        if self._state != _HEAD or self._buf:
+            self._error = ParseError(400, "incomplete_request", "connection closed mid-request")
+            raise self._error
+
+    def _on_head(self, buf: bytes | bytearray, start: int, end: int) -> None:
+        lines = self._block_lines(buf, start, end, "invalid_request_line")
+
+        parts = lines[0].split(" ")
+        if len(parts) != 3:
+            raise ParseError(400, "invalid_request_line", f"malformed request line {lines[0][:80]!r}")
+        method, target, version = parts
+        if version != "HTTP/1.1" and version != "HTTP/1.0":
+            if _VERSION.fullmatch(version):
+                raise ParseError(505, "unsupported_http_version", version)
+            raise ParseError(400, "invalid_request_line", f"invalid version {version[:20]!r}")
+        if method not in _METHODS and _TOKEN.fullmatch(method) is None:
+            raise ParseError(400, "invalid_request_line", f"invalid method {method[:20]!r}")
+        # Printable ASCII only: no HTAB, no obs-text (split removed spaces).
+        if not target.isascii() or not target.isprintable() or not target:
+            raise ParseError(400, "invalid_request_line", "invalid request-target")
+        if "#" in target:
+            raise ParseError(400, "invalid_request_line", "fragment in request-target")
+        authority = None
+        scheme = "http"
+        if target[0] != "/":
+            if "://" in target:
+                scheme, authority, target = _absolute_form(target, method)
+            elif not (method == "CONNECT" or (target == "*" and method == "OPTIONS")):
+                raise ParseError(400, "invalid_request_line", f"invalid request-target {target[:80]!r}")
+
+        headers, specials = _parse_fields(lines, 1, _REQUEST_SPECIAL, "host", 400)
+
+        http11 = version == "HTTP/1.1"
+        keep_alive = http11
+        expect_continue = False
+        content_length = None
+        chunked = False
+        host = None
+        if specials:
+            lengths = encodings = connection = None
+            for name, value in specials:
+                if name == "host":
+                    if host is not None:
+                        raise ParseError(400, "duplicate_host", "more than one Host header")
+                    host = value
+                elif name == "connection":
+                    if connection is None:
+                        connection = [value]
+                    else:
+                        connection.append(value)
+                elif name == "content-length":
+                    if lengths is None:
+                        lengths = [value]
+                    else:
+                        lengths.append(value)
+                elif name == "transfer-encoding":
+                    if encodings is None:
+                        encodings = [value]
+                    else:
+                        encodings.append(value)
+                elif http11 and value.lower() == "100-continue":  # expect
+                    expect_continue = True
+            if connection is not None:
+                if len(connection) == 1 and "," not in connection[0]:
+                    tokens = {connection[0].lower()}
+                else:
+                    tokens = _connection_tokens(connection)
+                if "close" in tokens:
+                    keep_alive = False
+                elif not http11:
+                    keep_alive = "keep-alive" in tokens
+            if encodings is not None:
+                if lengths is not None:
+                    raise ParseError(
+                        400, "both_content_length_and_transfer_encoding", "Content-Length with Transfer-Encoding"
+                    )
+                if not http11:
+                    raise ParseError(400, "transfer_encoding_in_http10", "Transfer-Encoding in an HTTP/1.0 request")
+                if len(encodings) != 1 or encodings[0].lower() != "chunked":
+                    raise ParseError(
+                        501, "unsupported_transfer_encoding", f"Transfer-Encoding {', '.join(encodings)[:60]!r}"
+                    )
+                chunked = True
+            elif lengths is not None:
+                content_length, rewrite = _content_length(lengths, 400)
+                if rewrite:
+                    _canonical_length(headers, content_length)
+        if host is None:
+            if http11:
+                raise ParseError(400, "missing_host", "HTTP/1.1 request without Host")
+            host = ""
+        elif host not in _HOST_CACHE:
+            if _HOST.fullmatch(host) is None:
+                raise ParseError(400, "invalid_host", f"invalid Host {host[:80]!r}")
+            if len(_HOST_CACHE) < _CACHE_MAX:
+                _HOST_CACHE.add(host)
+        if authority is None:
+            authority = host
+        if method == "CONNECT" and target[0] != "/" and _HOST.fullmatch(target) is None:
+            raise ParseError(400, "invalid_request_line", "invalid CONNECT target")
+
+        head = RequestHead(
+            method, target, authority, headers, version, scheme, keep_alive, expect_continue, content_length, chunked
+        )
+        if chunked:
+            self._state = _CHUNK_SIZE
+        elif content_length:
+            self._state = _BODY_LENGTH
+            self._remaining = content_length
+        self._handler.on_request_head(head)
+        if not chunked and not content_length:
+            self._complete()
+
+
+def _absolute_form(target: str, method: str) -> tuple[str, str, str]:
+    """Split ``scheme://authority/path?query`` (RFC 9112 3.2.2) into
+    (scheme, authority, path)."""
+    scheme, _, rest = target.partition("://")
+    if _SCHEME.fullmatch(scheme) is None:
+        raise ParseError(400, "invalid_request_line", "invalid scheme in absolute-form target")
+    cut = len(rest)
+    for sep in "/?":
+        i = rest.find(sep)
+        if 0 <= i < cut:
+            cut = i
+    authority, path = rest[:cut], rest[cut:]
+    # Userinfo is an error in http(s) URIs (RFC 9110 4.2.4) and a classic
+    # way to make two parsers disagree about the host.
+    if not authority or "@" in authority or _HOST.fullmatch(authority) is None:
+        raise ParseError(400, "invalid_request_line", "invalid authority in absolute-form target")
+    if not path:
+        path = "*" if method == "OPTIONS" else "/"
+    elif path[0] == "?":
+        path = "/" + path
+    return scheme.lower(), authority, path
+
+
+class ResponseParser(_Parser):
+    """Parses responses from an upstream; every error is a 502.
+
+    Call :meth:`expect` with each request's method as it is sent: responses
+    are matched to requests in order, which decides whether a response has a
+    body (HEAD, CONNECT).
+    """
+
+    _FORCE_STATUS = 502
+    _IS_RESPONSE = True
+
+    def __init__(
+        self, handler: ResponseHandler, *, max_header_bytes: int = 60 * 1024, max_headers: int = 100
+    ) -> None:
+        super().__init__(handler, max_header_bytes=max_header_bytes, max_headers=max_headers)
+        self._methods: deque[str] = deque()
+        self._informational = 0
+
+    def expect(self, method: str) -> None:
+        """Record that a request with ``method`` was sent (FIFO)."""
+        self._methods.append(method)
+
+    @property
+    def outstanding(self) -> int:
+        """Requests sent whose final response head has not arrived."""
+        return len(self._methods)
+
+    def _check_outstanding(self) -> None:
+        if not self._methods:
+            raise ParseError(502, "unexpected_response_data", "bytes from upstream with no request outstanding")
+
+    def _finish_eof(self) -> None:
+        if self._eof_done:
+            return
+        self._eof_done = True
+        state = self._state
+        if state == _BODY_EOF:
+            self._state = _HEAD
+            self._handler.on_message_complete()
+        elif state != _HEAD or self._buf:
+            self._error = ParseError(502, "upstream_premature_close", "upstream closed mid-response")
+            raise self._error
+        elif self._methods:
+            self._error = ParseError(502, "upstream_closed_before_response", "upstream closed before responding")
+            raise self._error
+
+    def _on_head(self, buf: bytes | bytearray, start: int, end: int) -> None:
+        lines = self._block_lines(buf, start, end, "invalid_status_line")
+
+        # status-line = HTTP-version SP status-code SP [ reason-phrase ]; the
+        # second SP is often missing in the wild and harmless.
+        version, _, rest = lines[0].partition(" ")
+        if version != "HTTP/1.1" and version != "HTTP/1.0":
+            if _VERSION.fullmatch(version):
+                raise ParseError(502, "unsupported_http_version", version)
+            raise ParseError(502, "invalid_status_line", f"malformed status line {lines[0][:80]!r}")
+        code = rest[:3]
+        if (
+            len(code) != 3
+            or not code.isdecimal()
+            or not code.isascii()
+            or code[0] == "0"
+            or (len(rest) > 3 and rest[3] != " ")
+        ):
+            raise ParseError(502, "invalid_status_line", f"malformed status line {lines[0][:80]!r}")
+        status = int(code)
+        reason = rest[4:]
+
+        headers, specials = _parse_fields(lines, 1, _RESPONSE_SPECIAL, None, 502)
+        http11 = version == "HTTP/1.1"
+        head = ResponseHead(status, headers, reason, version, http11)
+
+        method = self._methods[0]
+        if status < 200 and status != 101:
+            self._informational += 1
+            if self._informational > _MAX_INFORMATIONAL:
+                raise ParseError(502, "too_many_informational", f"more than {_MAX_INFORMATIONAL} 1xx responses")
+            self._handler.on_informational(head)
+            return
+        self._methods.popleft()
+        self._informational = 0
+
+        lengths: list[str] | None = None
+        encodings: list[str] | None = None
+        if specials:
+            connection = None
+            for name, value in specials:
+                if name == "connection":
+                    if connection is None:
+                        connection = [value]
+                    else:
+                        connection.append(value)
+                elif name == "content-length":
+                    if lengths is None:
+                        lengths = [value]
+                    else:
+                        lengths.append(value)
+                elif encodings is None:  # transfer-encoding
+                    encodings = [value]
+                else:
+                    encodings.append(value)
+            if connection is not None:
+                tokens = _connection_tokens(connection)
+                if "close" in tokens:
+                    head.keep_alive = False
+                elif not http11:
+                    head.keep_alive = "keep-alive" in tokens
+
+        if status == 101 or (method == "CONNECT" and 200 <= status < 300):
+            # A tunnel: what follows is the other protocol, up to the close.
+            # Content-Length/Transfer-Encoding mean nothing here (RFC 9110 9.3.6).
+            head.keep_alive = False
+            self._state = _BODY_EOF
+            self._handler.on_response_head(head)
+            return
+
+        if encodings is not None:
+            if lengths is not None:
+                raise ParseError(
+                    502, "both_content_length_and_transfer_encoding", "Content-Length with Transfer-Encoding"
+                )
+            if not http11:
+                raise ParseError(502, "transfer_encoding_in_http10", "Transfer-Encoding in an HTTP/1.0 response")
+            if len(encodings) != 1 or encodings[0].lower() != "chunked":
+                raise ParseError(
+                    502, "unsupported_transfer_encoding", f"Transfer-Encoding {', '.join(encodings)[:60]!r}"
+                )
+            head.chunked = True
+        elif lengths is not None:
+            length, rewrite = _content_length(lengths, 502)
+            head.content_length = length
+            if rewrite:
+                _canonical_length(headers, length)
+
+        if method == "HEAD" or status == 204 or status == 304:
+            # No body whatever the framing headers say (RFC 9112 6.3); a HEAD
+            # response's Content-Length describes the GET it stands for.
+            self._handler.on_response_head(head)
+            self._complete()
+        elif head.chunked:
+            self._state = _CHUNK_SIZE
+            self._handler.on_response_head(head)
+        elif head.content_length is not None:
+            if head.content_length:
+                self._state = _BODY_LENGTH
+                self._remaining = head.content_length
+                self._handler.on_response_head(head)
+            else:
+                self._handler.on_response_head(head)
+                self._complete()
+        else:
+            head.keep_alive = False  # delimited by the close
+            self._state = _BODY_EOF
+            self._handler.on_response_head(head)
+
+
+# --------------------------------------------------------------------------
+# Serialisers
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
+def _check_out_name(name: str) -> None:
+    if not isinstance(name, str) or _TOKEN.fullmatch(name) is None:
+        raise ValueError(f"invalid header name {name!r}")
+    if len(_OUT_NAMES) < _CACHE_MAX:
+        _OUT_NAMES.add(name)
+
+
+def _finish(parts: list[str], crlfs: int) -> bytes:
+    """Join once, and refuse anything that would add a line of its own.
+
+    Exactly ``crlfs`` CRLFs were written by the serialiser; any extra CR or
+    LF came from a name or value and would split the message.
+    """
+    text = "".join(parts)
+    if text.count("\r") != crlfs or text.count("\n") != crlfs or "\x00" in text:
+        raise ValueError("CR, LF or NUL in a header name or value, method, path or reason")
+    return text.encode("latin-1")  # UnicodeEncodeError is a ValueError
+
+
+def _append_fields(parts: list[str], headers: Headers) -> None:
+    append = parts.append
+    known = _OUT_NAMES
+    for name, value in headers:
+        if name not in known:
+            _check_out_name(name)
+        append(f"{name}: {value}\r\n")
+
+
+def serialize_request_head(head: RequestHead) -> bytes:
+    """``METHOD path HTTP/1.1``, ``host``, then ``head.headers`` exactly as
+    they are (the caller owns the framing headers). Raises ValueError on
+    anything that could split or reshape the message."""
+    method = head.method
+    path = head.path
+    if method not in _METHODS and _TOKEN.fullmatch(method) is None:
+        raise ValueError(f"invalid method {method!r}")
+    if not path or " " in path or "\t" in path:
+        raise ValueError(f"invalid request path {path!r}")
+    parts = [f"{method} {path} HTTP/1.1\r\nhost: {head.authority}\r\n"]
+    _append_fields(parts, head.headers)
+    parts.append("\r\n")
+    return _finish(parts, len(head.headers) + 3)
+
+
+def serialize_response_head(head: ResponseHead) -> bytes:
+    """``HTTP/1.1 status reason`` then ``head.headers`` exactly as they are;
+    the reason defaults to the standard phrase."""
+    status = head.status
+    if type(status) is not int or not 100 <= status <= 999:
+        raise ValueError(f"invalid status {status!r}")
+    reason = head.reason or _REASONS.get(status, "")
+    parts = [f"HTTP/1.1 {status} {reason}\r\n"]
+    _append_fields(parts, head.headers)
+    parts.append("\r\n")
+    return _finish(parts, len(head.headers) + 2)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body; ``b""`` for empty data (an empty chunk
+    would end the body)."""
+    if not data:
+        return b""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def encode_trailers(trailers: Headers) -> bytes:
+    """The last chunk followed by ``trailers`` and the final CRLF."""
+    if not trailers:
+        return LAST_CHUNK
+    parts = ["0\r\n"]
+    _append_fields(parts, trailers)
+    parts.append("\r\n")
+    return _finish(parts, len(trailers) + 2)

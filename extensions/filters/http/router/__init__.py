@@ -1,0 +1,434 @@
+"""The router: the terminal HTTP filter that answers from the route table.
+
+Direct responses and redirects are answered here; ``route`` actions pick a
+cluster and a host, take a connection from the pool and stream the request
+up and the response down, with a timeout, retries and flow control both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from outrider import BuildContext, Extension, HttpFilter, HttpFilterFactory, STOP, hookimpl
+from outrider.http.message import Headers, RequestHead, ResponseHead
+
+log = logging.getLogger("outrider.router")
+
+# Bodies up to this size are kept so the request can be retried.
+RETRY_BUFFER_LIMIT = 64 * 1024
+_RETRIABLE_5XX = frozenset(range(500, 600))
+_GATEWAY_ERRORS = frozenset((502, 503, 504))
+
+
+class RouterConfig:
+    __slots__ = ("cluster_manager", "suppress_envoy_headers")
+
+    def __init__(self, config: dict[str, Any], ctx: BuildContext) -> None:
+        self.cluster_manager = ctx.cluster_manager
+        self.suppress_envoy_headers = bool(config.get("suppress_envoy_headers", False))
+
+
+class RetryState:
+    """What a route's retry policy allows for one request."""
+
+    __slots__ = ("on", "remaining", "statuses")
+
+    def __init__(self, policy: dict[str, Any]) -> None:
+        self.on = frozenset(policy.get("retry_on", ()))
+        self.remaining = int(policy.get("num_retries", 1))
+        self.statuses = frozenset(policy.get("retriable_status_codes", ()))
+
+    def retry_status(self, status: int) -> bool:
+        on = self.on
+        return (
+            ("5xx" in on and status in _RETRIABLE_5XX)
+            or ("gateway-error" in on and status in _GATEWAY_ERRORS)
+            or ("retriable-4xx" in on and status == 409)
+            or ("retriable-status-codes" in on and status in self.statuses)
+        )
+
+    def retry_reset(self, reason: str) -> bool:
+        on = self.on
+        if reason in ("connect_failure", "connect_timeout"):
+            return "connect-failure" in on or "5xx" in on or "gateway-error" in on
+        return "reset" in on or "5xx" in on or "gateway-error" in on
+
+
+class Router(HttpFilter):
+    """One request's trip upstream."""
+
+    terminal = True
+
+    def __init__(self, stream: Any, config: RouterConfig) -> None:
+        self.stream = stream
+        self.config = config
+        self.cluster: Any = None
+        self.route: Any = None
+        self.request: RequestHead | None = None
+        self.upstream: UpstreamRequest | None = None
+        self.request_ended = False
+        self.body: list[bytes] | None = None  # held until connected, and for retries
+        self.body_size = 0
+        self.trailers: Headers | None = None
+        self.retry: RetryState | None = None
+        self.attempts = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.done = False
+
+    # -- request path -------------------------------------------------------
+
+    def on_request_headers(self, request: RequestHead, end_stream: bool) -> Any:
+        stream = self.stream
+        route = stream.route
+        self.request_ended = end_stream
+        if route is None:
+            stream.hcm.stats.no_route.value += 1
+            stream.send_local_reply(404, "", details="route_not_found", flag="NR")
+            return STOP
+        self.route = route
+        if route.direct_response is not None:
+            status, body, headers = route.direct_response
+            stream.hcm.stats.rq_direct_response.value += 1
+            head = Headers(headers)
+            head.set("content-length", str(len(body)))
+            response = ResponseHead(status, head, content_length=len(body))
+            self._finalize_response(response)
+            stream.response_code_details = "direct_response"
+            stream.encode_headers(response, not body)
+            if body:
+                stream.encode_body(body, True)
+            return STOP
+        if route.redirect is not None:
+            stream.hcm.stats.rq_redirect.value += 1
+            location = route.redirect.location(request, route)
+            stream.send_local_reply(route.redirect.status, "", headers=[("location", location)], details="redirect")
+            return STOP
+        cluster_name = route.pick_cluster()
+        cluster = self.config.cluster_manager.get(cluster_name)
+        if cluster is None:
+            stream.send_local_reply(503, "no such cluster\n", details="cluster_not_found", flag="NC")
+            return STOP
+        self.cluster = cluster
+        stream.upstream_cluster = cluster_name
+        vhost_ops = route.vhost.request_header_ops
+        if vhost_ops:
+            vhost_ops.apply(request.headers)
+        if route.request_header_ops:
+            route.request_header_ops.apply(request.headers)
+        if route.prefix_rewrite is not None:
+            new_path = route.rewrite_path(request.path)
+            if new_path != request.path:
+                request.headers.append(("x-envoy-original-path", request.path))
+                request.path = new_path
+        if route.host_rewrite:
+            request.authority = route.host_rewrite
+        self.request = request
+        if route.retry_policy:
+            self.retry = RetryState(route.retry_policy)
+        if not end_stream:
+            self.body = []
+        if route.timeout:
+            self.timer = asyncio.get_running_loop().call_later(route.timeout, self._on_timeout)
+        stream.add_watermark_listener(self)
+        self._attempt()
+        return STOP
+
+    def on_request_body(self, chunk: bytes, end_stream: bool) -> Any:
+        if end_stream:
+            self.request_ended = True
+        upstream = self.upstream
+        keep = self.body is not None and (self.retry is not None or upstream is None or upstream.connection is None)
+        if keep:
+            self.body.append(chunk)  # type: ignore[union-attr]
+            self.body_size += len(chunk)
+            if self.body_size > RETRY_BUFFER_LIMIT and self.retry is not None:
+                self.retry = None  # too big to replay
+                if upstream is not None and upstream.connection is not None:
+                    self.body = None
+        if upstream is not None and upstream.connection is not None:
+            upstream.connection.send_body(chunk, end_stream)
+        elif self.body_size > self.stream.hcm.buffer_limit:
+            # Still connecting and the client keeps sending: stop reading it.
+            self.stream.pause_downstream_reading()
+        return STOP
+
+    def on_request_trailers(self, trailers: Headers) -> Any:
+        self.request_ended = True
+        self.trailers = trailers
+        upstream = self.upstream
+        if upstream is not None and upstream.connection is not None:
+            upstream.connection.send_trailers(trailers)
+        return STOP
+
+    # -- upstream attempts ----------------------------------------------------
+
+    def _attempt(self) -> None:
+        cluster = self.cluster
+        host = cluster.choose_host(self.request)
+        if host is None:
+            cluster.stats.upstream_cx_none_healthy.value += 1
+            self._fail(503, "no healthy upstream\n", "no_healthy_upstream", "UH")
+            return
+        self.attempts += 1
+        self.stream.upstream_host = host.address
+        self.upstream = UpstreamRequest(self, cluster, host)
+        self.upstream.start()
+
+    def _send_request(self, upstream: "UpstreamRequest") -> None:
+        """The pool gave ``upstream`` a connection: send what we have."""
+        conn = upstream.connection
+        request = self.request
+        body = self.body
+        end_stream = self.request_ended and not body and self.trailers is None
+        conn.start_request(upstream, _clone_head(request) if self.retry else request, end_stream)
+        if body:
+            last = len(body) - 1
+            for i, chunk in enumerate(body):
+                conn.send_body(chunk, self.request_ended and self.trailers is None and i == last)
+            if self.retry is None:
+                self.body = None
+        if self.trailers is not None and self.request_ended:
+            conn.send_trailers(self.trailers)
+        self.stream.resume_downstream_reading()
+
+    def on_upstream_failure(self, upstream: "UpstreamRequest", reason: str, detail: str, response_started: bool) -> None:
+        if self.done or upstream is not self.upstream:
+            return
+        self.upstream = None
+        if response_started:
+            self.stream.reset(f"upstream_reset_after_response_started{{{reason}}}")
+            return
+        if self._retry_allowed(reason):
+            self._attempt()
+            return
+        if reason == "overflow":
+            self._fail(503, "upstream overflow\n", "upstream_overflow", "UO")
+        elif reason in ("connect_failure", "connect_timeout"):
+            self._fail(503, "upstream connect error\n", f"upstream_connect_failure{{{detail}}}", "UF")
+        elif reason == "protocol_error":
+            self._fail(502, "upstream sent an invalid response\n", f"upstream_protocol_error{{{detail}}}", "UPE")
+        else:
+            self._fail(502, "upstream reset before response\n", f"upstream_reset_before_response_started{{{reason}}}", "UC")
+
+    def _retry_allowed(self, reason: str) -> bool:
+        retry = self.retry
+        if retry is None or retry.remaining <= 0 or not retry.retry_reset(reason):
+            return False
+        if not self.request_ended and self.body is None:
+            return False
+        return self._use_retry()
+
+    def _use_retry(self) -> bool:
+        assert self.retry is not None
+        self.retry.remaining -= 1
+        self.cluster.stats.upstream_rq_retry.value += 1
+        return True
+
+    # -- response path --------------------------------------------------------
+
+    def on_upstream_headers(self, upstream: "UpstreamRequest", head: ResponseHead, end_stream: bool) -> bool:
+        """Returns False when the response is discarded for a retry."""
+        retry = self.retry
+        if retry is not None and retry.remaining > 0 and retry.retry_status(head.status) and (self.request_ended or self.body is not None):
+            self._use_retry()
+            self.upstream = None
+            upstream.abandon()
+            self._attempt()
+            return False
+        if self.attempts > 1:
+            self.cluster.stats.upstream_rq_retry_success.value += 1
+        route = self.route
+        self._finalize_response(head)
+        if not self.config.suppress_envoy_headers:
+            head.headers.append(("x-envoy-upstream-service-time", str(int(upstream.elapsed_ms()))))
+        if route is not None and self.timer is not None and end_stream:
+            self._cancel_timer()
+        self.stream.encode_headers(head, end_stream)
+        if end_stream:
+            self._finished()
+        return True
+
+    def on_upstream_body(self, data: bytes, end_stream: bool) -> None:
+        if end_stream:
+            self._cancel_timer()
+        self.stream.encode_body(data, end_stream)
+        if end_stream:
+            self._finished()
+
+    def on_upstream_trailers(self, trailers: Headers) -> None:
+        self._cancel_timer()
+        self.stream.encode_trailers(trailers)
+        self._finished()
+
+    def _finalize_response(self, head: ResponseHead) -> None:
+        route = self.route
+        if route.response_header_ops:
+            route.response_header_ops.apply(head.headers)
+        vhost_ops = route.vhost.response_header_ops
+        if vhost_ops:
+            vhost_ops.apply(head.headers)
+
+    def _finished(self) -> None:
+        self.done = True
+        self.upstream = None
+
+    # -- flow control ---------------------------------------------------------
+
+    def on_downstream_write_paused(self) -> None:
+        if self.upstream is not None and self.upstream.connection is not None:
+            self.upstream.connection.pause_reading()
+
+    def on_downstream_write_resumed(self) -> None:
+        if self.upstream is not None and self.upstream.connection is not None:
+            self.upstream.connection.resume_reading()
+
+    # -- timeouts, failures, teardown -----------------------------------------
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.done:
+            return
+        self.cluster.stats.upstream_rq_timeout.value += 1
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.abandon()
+        log.info("request %s %s to cluster %s timed out after %.3gs", self.request.method, self.request.path, self.cluster.name, self.route.timeout)  # type: ignore[union-attr]
+        self._fail(504, "upstream request timeout\n", "upstream_response_timeout", "UT")
+
+    def _fail(self, status: int, body: str, details: str, flag: str) -> None:
+        self.done = True
+        self._cancel_timer()
+        self.stream.send_local_reply(status, body, details=details, flag=flag)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def on_destroy(self) -> None:
+        self._cancel_timer()
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.abandon()
+            self.cluster.stats.upstream_rq_cancelled.value += 1
+
+
+def _clone_head(head: RequestHead) -> RequestHead:
+    """A copy whose headers a codec may extend without touching the
+    original (needed when the same request may be sent again)."""
+    return RequestHead(
+        head.method, head.path, head.authority, Headers(head.headers), head.version, head.scheme,
+        head.keep_alive, False, head.content_length, head.chunked,
+    )
+
+
+class UpstreamRequest:
+    """One attempt: waits for a pooled connection, then relays the response."""
+
+    __slots__ = ("router", "cluster", "host", "connection", "pool", "started", "response_started", "complete", "start_time")
+
+    def __init__(self, router: Router, cluster: Any, host: Any) -> None:
+        self.router = router
+        self.cluster = cluster
+        self.host = host
+        self.connection: Any = None
+        self.pool: Any = None
+        self.response_started = False
+        self.complete = False
+        self.started = False
+        self.start_time = 0.0
+
+    def start(self) -> None:
+        cluster = self.cluster
+        stats = cluster.stats
+        stats.upstream_rq_total.value += 1
+        stats.upstream_rq_active.value += 1
+        self.host.active_requests += 1
+        self.started = True
+        self.start_time = asyncio.get_running_loop().time()
+        self.pool = cluster.pool(self.host, cluster.codec)
+        self.pool.acquire(self)
+
+    def elapsed_ms(self) -> float:
+        return (asyncio.get_running_loop().time() - self.start_time) * 1000.0
+
+    def _end(self) -> None:
+        if self.started:
+            self.started = False
+            self.cluster.stats.upstream_rq_active.value -= 1
+            self.host.active_requests -= 1
+
+    # pool callbacks
+    def on_pool_ready(self, connection: Any) -> None:
+        if self.router.upstream is not self:
+            self.pool.release(connection)
+            return
+        self.connection = connection
+        self.router._send_request(self)
+
+    def on_pool_failure(self, reason: str, detail: str) -> None:
+        self._end()
+        self.router.on_upstream_failure(self, reason, detail, False)
+
+    # connection callbacks
+    def on_upstream_headers(self, head: ResponseHead, end_stream: bool) -> None:
+        self.cluster.stats.response(head.status)
+        if self.router.on_upstream_headers(self, head, end_stream):
+            self.response_started = True
+        if end_stream:
+            self._complete()
+
+    def on_upstream_body(self, data: bytes, end_stream: bool) -> None:
+        if end_stream:
+            self._complete()
+        self.router.on_upstream_body(data, end_stream)
+
+    def on_upstream_trailers(self, trailers: Headers) -> None:
+        self._complete()
+        self.router.on_upstream_trailers(trailers)
+
+    def _complete(self) -> None:
+        self.complete = True
+        self._end()
+
+    def on_upstream_reset(self, reason: str, detail: str) -> None:
+        self._end()
+        self.cluster.stats.upstream_rq_rx_reset.value += 1
+        log.info("cluster %s host %s: upstream %s (%s)", self.cluster.name, self.host.address, reason, detail)
+        self.router.on_upstream_failure(self, reason, detail, self.response_started)
+
+    def on_upstream_write_paused(self) -> None:
+        self.router.stream.pause_downstream_reading()
+
+    def on_upstream_write_resumed(self) -> None:
+        self.router.stream.resume_downstream_reading()
+
+    def abandon(self) -> None:
+        """The router no longer wants this attempt (timeout, retry, reset)."""
+        self._end()
+        if self.connection is not None:
+            if not self.complete:
+                self.connection.detach()
+        elif self.pool is not None:
+            self.pool.cancel(self)
+
+
+def create(config: dict[str, Any], ctx: BuildContext) -> HttpFilterFactory:
+    return HttpFilterFactory(Router, RouterConfig(config, ctx))
+
+
+@hookimpl
+def outrider_register(registry: Any) -> None:
+    registry.add(
+        Extension.from_module(
+            __name__,
+            name="router",
+            category="filters.http",
+            factory=create,
+            status="stable",
+            security_posture="robust_to_untrusted_downstream",
+            description="Routes requests to clusters (the terminal HTTP filter): direct responses, redirects, timeouts, retries.",
+        )
+    )

@@ -1,0 +1,312 @@
+"""Helpers for tests that run the real proxy and real upstreams.
+
+``ProxyProcess`` starts ``outrider run -c FILE`` as a child process;
+``ThreadedServer`` runs a real asyncio server (aiohttp app or a raw
+Protocol) on its own loop in a background thread, so a test's own client can
+run on the main thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+from aiohttp import web
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (loopback only)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 5.0, method: str = "GET") -> tuple[int, str]:
+    """A plain synchronous request (for admin endpoints)."""
+    req = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+class ProxyProcess:
+    """A running ``outrider run`` process and its admin interface."""
+
+    def __init__(
+        self,
+        config_path: Path,
+        admin_port: int,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.config_path = config_path
+        self.admin_port = admin_port
+        self.admin = f"http://127.0.0.1:{admin_port}"
+        self.log_path = config_path.with_suffix(".log")
+        self._log = open(self.log_path, "wb")
+        cmd = [python, "-m", "outrider", "run", "-c", str(config_path), "--log-level", "debug"]
+        self.proc = subprocess.Popen(
+            cmd + (extra_args or []),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+    def wait_ready(self, timeout: float = 15.0) -> "ProxyProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"proxy exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                status, _ = http_get(f"{self.admin}/ready", timeout=1.0)
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"proxy not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stats(self) -> dict[str, int]:
+        status, body = http_get(f"{self.admin}/stats?format=json")
+        assert status == 200, body
+        return {s["name"]: s["value"] for s in json.loads(body)["stats"]}
+
+    def stat(self, name: str) -> int:
+        return self.stats().get(name, 0)
+
+    def wait_stat(self, name: str, value: int, timeout: float = 5.0) -> int:
+        """Poll until stat ``name`` reaches ``value`` (stats are updated just
+        after a response is written, so a client may be a hair ahead)."""
+        deadline = time.monotonic() + timeout
+        current = self.stat(name)
+        while current < value and time.monotonic() < deadline:
+            time.sleep(0.02)
+            current = self.stat(name)
+        return current
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+class ProxyRunner:
+    """Writes configs into a temp dir and starts proxies from them."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[ProxyProcess] = []
+
+    def config(self, yaml_text: str, name: str = "outrider.yaml", admin_port: int | None = None) -> tuple[Path, int]:
+        admin_port = admin_port or free_port()
+        text = textwrap.dedent(yaml_text)
+        if "admin:" not in text:
+            text = f"admin:\n  address: 127.0.0.1:{admin_port}\n" + text
+        path = self.tmp_path / name
+        path.write_text(text)
+        return path, admin_port
+
+    def start(
+        self,
+        yaml_text: str,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
+        python: str = sys.executable,
+    ) -> ProxyProcess:
+        path, admin_port = self.config(yaml_text, name=f"outrider-{len(self.procs)}.yaml")
+        proc = ProxyProcess(path, admin_port, extra_args=extra_args, env=env, python=python)
+        self.procs.append(proc)
+        return proc.wait_ready() if wait else proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+
+
+class ThreadedServer:
+    """Runs ``start(loop)`` (a coroutine factory that binds a server and
+    returns a closer) on a private event loop in a daemon thread."""
+
+    def __init__(self, start: Callable[[], Any]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._start = start
+        self._closer: Any = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("test server did not start")
+        if self._error:
+            raise self._error
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self._closer = self.loop.run_until_complete(self._start())
+        except BaseException as exc:  # surfaced to the test
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the server's loop and return its result."""
+        done = threading.Event()
+        result: list[Any] = []
+
+        def run() -> None:
+            result.append(fn())
+            done.set()
+
+        self.loop.call_soon_threadsafe(run)
+        done.wait(5)
+        return result[0] if result else None
+
+    def stop(self) -> None:
+        async def close() -> None:
+            if self._closer is not None:
+                await self._closer()
+
+        if self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def echo_app(name: str = "upstream") -> web.Application:
+    """An HTTP upstream that reports what it received, with a few behaviours
+    selected by path: ``/status/<code>``, ``/delay/<seconds>``,
+    ``/bytes/<n>`` (n bytes, chunked when ``?chunked=1``), ``/stream/<n>``."""
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app["requests"] = []
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        record = {
+            "upstream": name,
+            "method": request.method,
+            "path": request.path_qs,
+            "headers": [[k.lower(), v] for k, v in request.headers.items()],
+            "body_len": len(body),
+            "body": body.decode("latin-1") if len(body) <= 4096 else "",
+        }
+        request.app["requests"].append(record)
+        parts = request.path.split("/")
+        if len(parts) >= 3 and parts[1] == "status":
+            return web.Response(status=int(parts[2]), text=f"status {parts[2]}\n")
+        if len(parts) >= 3 and parts[1] == "delay":
+            await asyncio.sleep(float(parts[2]))
+        if len(parts) >= 3 and parts[1] == "bytes":
+            n = int(parts[2])
+            data = (b"0123456789abcdef" * (n // 16 + 1))[:n]
+            if request.query.get("chunked"):
+                resp = web.StreamResponse()
+                resp.enable_chunked_encoding()
+                await resp.prepare(request)
+                for i in range(0, n, 65536):
+                    await resp.write(data[i : i + 65536])
+                await resp.write_eof()
+                return resp
+            return web.Response(body=data)
+        return web.json_response(record, headers={"x-upstream": name})
+
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+def start_aiohttp(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadedServer, int]:
+    bound: list[int] = []
+
+    async def start() -> Any:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        return runner.cleanup
+
+    server = ThreadedServer(start)
+    return server, bound[0]
+
+
+class ScriptedProtocol(asyncio.Protocol):
+    """A raw upstream: ``handler(data, transport)`` decides what to send."""
+
+    def __init__(self, handler: Callable[[bytes, asyncio.Transport], None], received: list[bytes]) -> None:
+        self.handler = handler
+        self.received = received
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.received.append(data)
+        self.handler(data, self.transport)
+
+
+def start_raw(handler: Callable[[bytes, asyncio.Transport], None], host: str = "127.0.0.1") -> tuple[ThreadedServer, int, list[bytes]]:
+    """A raw TCP upstream whose answers the test scripts byte by byte."""
+    received: list[bytes] = []
+    bound: list[int] = []
+
+    async def start() -> Any:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: ScriptedProtocol(handler, received), host, 0)
+        bound.append(server.sockets[0].getsockname()[1])
+
+        async def close() -> None:
+            server.close()
+
+        return close
+
+    srv = ThreadedServer(start)
+    return srv, bound[0], received
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5.0, host: str = "127.0.0.1") -> bytes:
+    """Send ``data`` on a fresh connection; read until the peer closes or
+    ``timeout`` passes; return everything read."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
