@@ -207,7 +207,7 @@ def echo_app(name: str = "upstream") -> web.Application:
     selected by path: ``/status/<code>``, ``/delay/<seconds>``,
     ``/bytes/<n>`` (n bytes, chunked when ``?chunked=1``), ``/stream/<n>``."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app["requests"] = []
+    app["requests"] = []  # noqa
 
     async def echo(request: web.Request) -> web.StreamResponse:
         body = await request.read()

@@ -144,6 +144,8 @@ class HttpConnectionManager:
             for m in _RESPONSE_METHODS
         ]
         self.destroy_hooks = [i for i, cls in enumerate(classes) if overrides(cls, "on_destroy")]
+        # The terminal filter ends the chain: its STOP holds nothing back.
+        self.terminal_index = len(classes) - 1
         self.stream_observers: list[Callable[["ActiveStream"], None]] = []
 
     def new_stream(self, connection: Any, request: RequestHead) -> "ActiveStream":
@@ -279,6 +281,7 @@ class ActiveStream:
             return
         filters = self.filters
         method = _REQUEST_METHODS[kind]
+        terminal = self.hcm.terminal_index
         index = -1
         try:
             for index in self.hcm.request_phases[kind]:
@@ -295,7 +298,7 @@ class ActiveStream:
                         continue
                 else:
                     result = f.on_request_trailers(payload)
-                if result is STOP:
+                if result is STOP and index != terminal:
                     self._req_stopped = (index, kind, payload, end_stream)
                     return
                 if self.response_complete or self.destroyed:

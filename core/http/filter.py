@@ -10,7 +10,8 @@ chunk) → ``on_request_trailers`` through the filters as configured, and
 :data:`STOP`
     hold the chain here; events that arrive meanwhile are queued (reading
     from the client pauses once the queue passes the buffer limit) and the
-    filter later calls ``self.stream.resume_request()`` / ``resume_response()``;
+    filter later calls ``self.stream.resume_request()`` / ``resume_response()``
+    (the terminal filter's result is ignored: nothing follows it);
 ``bytes`` (body methods only)
     the chunk to pass on instead (``b""`` swallows it — a buffering filter
     returns ``b""`` for each chunk and the whole body with ``end_stream``).

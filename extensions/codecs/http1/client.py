@@ -207,17 +207,13 @@ class Http1ClientConnection(asyncio.Protocol):
             # connection's state is unknown, so it is not reused.
             self._keep_alive = False
         self._maybe_release()
-        return True
+        # Keep parsing: bytes after a response with no request outstanding
+        # are a protocol error the parser reports itself.
+        return False
 
     def _maybe_release(self) -> None:
         if self._response_done and self._request_done and self.handler is not None:
             self.handler = None
-            if self.parser.paused:
-                try:
-                    self.parser.resume()
-                except ParseError as err:  # bytes after the response: not reusable
-                    self._protocol_error(err)
-                    return
             self.pool.release(self)
 
     def _protocol_error(self, err: ParseError) -> None:

@@ -53,7 +53,7 @@ def test_get_is_proxied_with_request_id_and_stats(running):
     async def main():
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{port}/hello?x=1", headers={"x-custom": "v"}) as resp:
-                return resp.status, dict(resp.headers), await resp.json()
+                return resp.status, resp.headers.copy(), await resp.json()
 
     status, headers, body = asyncio.run(main())
     assert status == 200

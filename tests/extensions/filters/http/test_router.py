@@ -37,7 +37,7 @@ def get(port: int, path: str = "/", headers: dict | None = None) -> tuple[int, d
     async def main():
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{port}{path}", headers=headers or {}) as resp:
-                return resp.status, dict(resp.headers), await resp.read()
+                return resp.status, resp.headers.copy(), await resp.read()
 
     return asyncio.run(main())
 
@@ -129,7 +129,6 @@ def test_upstream_reset_before_response_gets_502(proxy):
         b"garbage\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     ],
 )
 def test_malformed_upstream_response_gets_502(proxy, response):
@@ -143,6 +142,24 @@ def test_malformed_upstream_response_gets_502(proxy, response):
         status, _, _ = get(port)
         assert status == 502
         assert proc.stat("cluster.backend.upstream_cx_protocol_error") == 1
+    finally:
+        server.stop()
+
+
+def test_malformed_body_after_response_head_resets_the_client(proxy):
+    # The head was valid and may already be on its way: the only honest
+    # answer left is to cut the client's connection, never a 200 that ends.
+    def answer(data: bytes, transport) -> None:
+        transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n")
+
+    server, upstream_port, _ = start_raw(answer)
+    try:
+        port = free_port()
+        proc = proxy.start(config(port, [f"127.0.0.1:{upstream_port}"]))
+        raw = raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert not raw.endswith(b"0\r\n\r\n"), raw
+        assert proc.stat("cluster.backend.upstream_cx_protocol_error") == 1
+        assert proc.stat("http.ingress.downstream_rq_tx_reset") == 1
     finally:
         server.stop()
 
