@@ -133,9 +133,26 @@ def _host_stats(host: Any) -> dict[str, int]:
     return {"cx_active": host.active_connections, "rq_active": host.active_requests}
 
 
+#: Circuit-breaker settings, as Envoy lists them for the default priority.
+_BREAKERS = ("max_connections", "max_pending_requests", "max_requests", "max_retries")
+
+
+def _observability_name(cluster: Any) -> str:
+    # Envoy's name for "the name this cluster's stats are under".
+    return str(cluster.stats_scope_prefix).removeprefix("cluster.")
+
+
+def _breakers(cluster: Any) -> dict[str, int]:
+    return {name: getattr(cluster, name) for name in _BREAKERS if hasattr(cluster, name)}
+
+
 def _clusters_text(clusters: list[Any]) -> str:
     lines = []
     for cluster in clusters:
+        # Cluster-level lines first, as in Envoy: a cluster shows up even
+        # when it has no hosts.
+        lines.append(f"{cluster.name}::observability_name::{_observability_name(cluster)}")
+        lines += [f"{cluster.name}::default_priority::{name}::{value}" for name, value in _breakers(cluster).items()]
         for host in cluster.hosts:
             prefix = f"{cluster.name}::{host.address}"
             lines += [f"{prefix}::{stat}::{value}" for stat, value in _host_stats(host).items()]
@@ -149,8 +166,8 @@ def _clusters_json(clusters: list[Any]) -> dict[str, Any]:
         "cluster_statuses": [
             {
                 "name": cluster.name,
-                # Envoy's name for "the name this cluster's stats are under".
-                "observability_name": cluster.stats_scope_prefix.removeprefix("cluster."),
+                "observability_name": _observability_name(cluster),
+                "circuit_breakers": {"thresholds": [_breakers(cluster)]},
                 "host_statuses": [
                     {
                         "address": host.address,

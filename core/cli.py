@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from importlib import resources
 from typing import Sequence
@@ -98,17 +99,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_extensions_list(args: argparse.Namespace) -> int:
     registry = _registry_or_exit()
-    rows = [
-        (e.category, e.name, e.status, f"{e.distribution} {e.version}".strip(), e.description)
-        for e in registry.all()
-    ]
+    exts = list(registry.all())
     if args.json:
-        print(json.dumps([dict(zip(("category", "name", "status", "distribution", "description"), r)) for r in rows], indent=2))
+        print(json.dumps(
+            [
+                {
+                    "category": e.category,
+                    "name": e.name,
+                    "status": e.status,
+                    "distribution": e.distribution,
+                    "version": e.version,
+                    "security_posture": e.security_posture,
+                    "description": e.description,
+                }
+                for e in exts
+            ],
+            indent=2,
+        ))
         return 0
-    header = ("CATEGORY", "NAME", "STATUS", "DISTRIBUTION")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
-    for row in [header, *rows]:
-        print("  ".join(str(row[i]).ljust(widths[i]) for i in range(4)).rstrip())
+    header = ("CATEGORY", "NAME", "STATUS", "DISTRIBUTION", "VERSION")
+    rows = [header, *((e.category, e.name, e.status, e.distribution, e.version) for e in exts)]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
 
 
@@ -116,10 +129,15 @@ def cmd_extensions_show(args: argparse.Namespace) -> int:
     registry = _registry_or_exit()
     found = registry.find(args.name)
     if not found:
-        all_names = sorted({e.name for e in registry.all()})
         import difflib
 
-        close = difflib.get_close_matches(args.name, all_names, n=1)
+        # Suggest in the form that was asked for: NAME, or CATEGORY/NAME.
+        # A right name in the wrong category is the likeliest mistake.
+        qualified = "/" in args.name
+        close = [e.key for e in registry.find(args.name.rpartition("/")[2])][:1] if qualified else []
+        if not close:
+            candidates = sorted({e.key if qualified else e.name for e in registry.all()})
+            close = difflib.get_close_matches(args.name, candidates, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         print(f"outrider: no extension named {args.name!r}{hint}; see `outrider extensions list`", file=sys.stderr)
         return 1
@@ -128,7 +146,7 @@ def cmd_extensions_show(args: argparse.Namespace) -> int:
         print(f"  {ext.description}")
         print(f"  security posture: {ext.security_posture}")
         if ext.listener_protocol:
-            print(f"  listener protocol: {ext.listener_protocol}:")
+            print(f"  listener protocol: `{ext.listener_protocol}:` blocks in a listener")
         print("\nConfig schema:")
         print(json.dumps(ext.schema or {}, indent=2))
         readme = ext.readme()
@@ -165,6 +183,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+def main(argv: Sequence[str] | None = None) -> int | str | None:
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+            code: int | str | None = args.func(args)
+        except SystemExit as exc:  # --help, --version, usage errors, a refused config
+            code = exc.code
+        # Flush here, not at interpreter exit, so that a closed pipe is caught below.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`outrider extensions show router | head -1`):
+        # stop quietly, as a tool killed by SIGPIPE would, with no traceback and
+        # no second error when Python flushes stdout on its way out.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + getattr(signal, "SIGPIPE", 13)
+    except KeyboardInterrupt:
+        # Ctrl-C before a running server took SIGINT over (it then stops
+        # gracefully and exits 0): while extensions or the config load.
+        return 128 + signal.SIGINT
+    return code

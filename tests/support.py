@@ -116,6 +116,45 @@ class ProxyProcess:
         return self.proc.returncode
 
 
+class DefaultConfigProxy(ProxyProcess):
+    """``outrider run`` with no ``-c``: the embedded default configuration
+    (welcome page on 127.0.0.1:10000, admin on 127.0.0.1:9901). Its output
+    goes to ``log_dir/outrider-default.log``."""
+
+    def __init__(
+        self,
+        log_dir: Path,
+        admin_port: int = 9901,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.config_path = None  # type: ignore[assignment]
+        self.admin_port = admin_port
+        self.admin = f"http://127.0.0.1:{admin_port}"
+        self.log_path = log_dir / "outrider-default.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [python, "-m", "outrider", "run", *(extra_args or [])],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether binding ``host:port`` fails right now (something holds it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As the proxy binds (SO_REUSEADDR), so a TIME_WAIT leftover is not "in use".
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+        return False
+
+
 class ProxyRunner:
     """Writes configs into a temp dir and starts proxies from them."""
 
@@ -310,3 +349,117 @@ def raw_exchange(port: int, data: bytes, timeout: float = 5.0, host: str = "127.
                 break
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+# -- virtual environments: third-party packages and wheel installs ----------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Overlaid on os.environ for every interpreter of a :class:`Venv` (also pass
+#: it as ``env=`` to ``ProxyRunner.start``): no user site-packages, no
+#: PYTHONPATH (an empty value counts as unset) and no current directory on
+#: ``sys.path`` (PYTHONSAFEPATH; ``python -m`` run from the repository root
+#: would otherwise read the entry points of ./outrider.egg-info, the editable
+#: install's metadata, before the venv's), so such an interpreter sees only
+#: the venv's own site-packages and then the system's.
+VENV_ENV = {"PYTHONNOUSERSITE": "1", "PYTHONPATH": "", "PYTHONSAFEPATH": "1"}
+
+
+class Venv:
+    """A ``python3 -m venv --system-site-packages`` environment in ``path``.
+
+    It sees everything installed system-wide (aiohttp, pluggy, ..., pip,
+    build and the editable outrider) and installs into its own
+    site-packages, which comes first on its ``sys.path``: a package installed
+    here shadows a system one of the same name. (setuptools' editable finder
+    for the system outrider sits at the *end* of ``sys.meta_path``, after the
+    path-based finder, so it only answers when nothing on ``sys.path`` does.)
+    It is made ``--without-pip`` (3 s faster): ``python -m pip`` imports the
+    system's pip, which installs into the venv it runs in.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(path)],
+            check=True, capture_output=True, env={**os.environ, **VENV_ENV},
+        )
+        self.python = path / "bin" / "python"
+        self.bin = path / "bin"
+        self.site_packages = Path(self.run(
+            "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"
+        ).stdout.strip())
+
+    def run(self, *args: str, check: bool = True, timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        """``python ARGS`` in this venv; output captured as text. With
+        ``check``, a non-zero exit raises with both streams in the message."""
+        proc = subprocess.run(
+            [str(self.python), *args], capture_output=True, text=True, timeout=timeout,
+            cwd=cwd, env={**os.environ, **VENV_ENV},
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(
+                f"{self.python} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    def pip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run("-m", "pip", "--disable-pip-version-check", "-q", *args, check=check, timeout=300)
+
+    def outrider(self, *args: str, check: bool = False, timeout: float = 30.0) -> subprocess.CompletedProcess:
+        """``outrider ARGS`` with this venv's interpreter."""
+        return self.run("-m", "outrider", *args, check=check, timeout=timeout)
+
+    def ensure_build_backend(self, pyproject: Path = REPO_ROOT / "pyproject.toml") -> list[str]:
+        """Make ``--no-build-isolation`` / ``--no-isolation`` builds possible:
+        the ``[build-system] requires`` of ``pyproject`` (setuptools>=68,
+        wheel) must be importable here. What the system already satisfies is
+        used as is (no network); only what is missing or too old is installed,
+        into this venv alone, from the configured package index. Returns what
+        was installed."""
+        import tomllib
+
+        requires = tomllib.loads(pyproject.read_text())["build-system"]["requires"]
+        missing = self.run("-c", _MISSING_REQUIREMENTS, *requires).stdout.splitlines()
+        if missing:
+            self.pip("install", *missing)
+        return missing
+
+
+# Prints the requirements (argv) that the running interpreter does not satisfy.
+_MISSING_REQUIREMENTS = """
+import sys, importlib.metadata as md
+from packaging.requirements import Requirement
+for text in sys.argv[1:]:
+    req = Requirement(text)
+    if req.marker is not None and not req.marker.evaluate():
+        continue
+    try:
+        ok = req.specifier.contains(md.version(req.name), prereleases=True)
+    except md.PackageNotFoundError:
+        ok = False
+    if not ok:
+        print(text)
+"""
+
+
+def copy_source_tree(src: Path, dst: Path) -> Path:
+    """Copy a project's source into ``dst`` for building, leaving out VCS and
+    build leftovers. Building a copy writes no ``build/`` or ``*.egg-info``
+    into the work tree, and a stale ``build/lib`` (setuptools reuses it) can
+    not smuggle deleted files into the wheel."""
+    import fnmatch
+    import shutil
+
+    skip_top = {".git", "build", "dist", ".pytest_cache", ".benchmarks", "bench", "tests"}
+    skip_any = ("__pycache__", "*.egg-info", "*.pyc", ".venv*")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        top = Path(folder).resolve() == src.resolve()
+        return {
+            n for n in names
+            if (top and n in skip_top) or any(fnmatch.fnmatch(n, p) for p in skip_any)
+        }
+
+    shutil.copytree(src, dst, ignore=ignore)
+    return dst

@@ -12,6 +12,7 @@ import re
 from typing import Any, Callable, Iterable
 from urllib.parse import parse_qsl
 
+from ..timeouts import TimeoutQueue
 from .message import Headers, RequestHead
 
 _PREFIX, _PATH, _REGEX = 0, 1, 2
@@ -148,6 +149,8 @@ def _strip_port(authority: str) -> str:
 class Route:
     """One compiled route: its match, its action, its header operations."""
 
+    timeouts: TimeoutQueue | None = None
+
     def __init__(self, spec: dict[str, Any], vhost: "VirtualHost", index: int) -> None:
         self.vhost = vhost
         self.index = index
@@ -187,6 +190,8 @@ class Route:
             self.prefix_rewrite: str | None = action.get("prefix_rewrite")
             self.host_rewrite: str | None = action.get("host_rewrite")
             self.timeout: float = float(action.get("timeout", 15.0))
+            #: One queue serves every request's timeout on this route.
+            self.timeouts = TimeoutQueue(self.timeout) if self.timeout else None
             self.idle_timeout: float | None = action.get("idle_timeout")
             self.retry_policy: dict[str, Any] | None = action.get("retry_policy")
         elif "direct_response" in spec:

@@ -186,8 +186,14 @@ class Http1ClientConnection(asyncio.Protocol):
             self.handler.on_upstream_headers(head, ended)
 
     def on_body(self, data: bytes) -> None:
-        if self.handler is not None:
-            self.handler.on_upstream_body(data, False)
+        handler = self.handler
+        if handler is not None:
+            if self.parser.at_body_end:
+                # Saves a pass through the filter chain for an empty end.
+                self._response_ended = True
+                handler.on_upstream_body(data, True)
+            else:
+                handler.on_upstream_body(data, False)
 
     def on_trailers(self, trailers: Headers) -> None:
         self._trailers = trailers

@@ -18,6 +18,9 @@ HOP_BY_HOP = frozenset(
     )
 )
 
+# Connection options that name no header; content-length is never dropped.
+_CONNECTION_OPTIONS = frozenset(("close", "keep-alive", "content-length", ""))
+
 
 def strip_hop_by_hop(headers: Headers) -> None:
     """Remove hop-by-hop headers in place, including those that ``Connection``
@@ -30,10 +33,15 @@ def strip_hop_by_hop(headers: Headers) -> None:
             break
     if not found:
         return
-    drop = set(HOP_BY_HOP)
+    drop = HOP_BY_HOP
+    keep_te = None
     for name, value in headers:
         if name == "connection":
-            drop.update(token.strip().lower() for token in value.split(","))
-    drop.discard("content-length")
-    keep_te = [kv for kv in headers if kv[0] == "te" and kv[1].strip().lower() == "trailers"]
-    headers[:] = [kv for kv in headers if kv[0] not in drop] + keep_te
+            named = {token.strip().lower() for token in value.split(",")} - _CONNECTION_OPTIONS
+            if named:
+                drop = drop | named
+        elif name == "te" and value.strip().lower() == "trailers":
+            keep_te = (name, value)
+    headers[:] = [kv for kv in headers if kv[0] not in drop]
+    if keep_te is not None:
+        headers.append(keep_te)

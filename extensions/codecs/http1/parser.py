@@ -333,6 +333,12 @@ class _Parser:
             self._finish_eof()
 
     @property
+    def at_body_end(self) -> bool:
+        """True inside ``on_body`` for the last bytes of a Content-Length
+        body (lets a handler end its stream with the data, not after it)."""
+        return self._state == _BODY_LENGTH and not self._remaining
+
+    @property
     def buffered(self) -> int:
         """Bytes held unparsed (the caller bounds memory with it)."""
         return len(self._buf)

@@ -64,8 +64,12 @@ class Http1ServerConnection(asyncio.Protocol):
         self._request_has_body = False
         self._pause_reasons = 0
         self._write_paused = False
-        self._headers_timer: asyncio.TimerHandle | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
+        # Timeouts are deadlines checked by one lazily re-armed timer: a
+        # keep-alive request then costs two float stores, not two timers.
+        self._headers_deadline = 0.0  # loop time; 0: no request head in progress
+        self._idle_deadline = 0.0  # loop time; 0: not idle (or no idle timeout)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
         self._loop = asyncio.get_event_loop()
 
     # -- transport events ------------------------------------------------
@@ -85,13 +89,15 @@ class Http1ServerConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.stats.downstream_cx_rx_bytes_total.value += len(data)
-        if self.stream is None and self._headers_timer is None:
+        if self.stream is None and not self._headers_deadline:
             # The first byte of a new request: it now has request_headers_timeout
             # to complete its head.
-            self._cancel_idle_timer()
+            self._idle_deadline = 0.0
             timeout = self.hcm.request_headers_timeout
             if timeout:
-                self._headers_timer = self._loop.call_later(timeout, self._on_headers_timeout)
+                self._headers_deadline = deadline = self._loop.time() + timeout
+                if self._timer is None or self._timer_when > deadline:
+                    self._schedule(deadline)
         try:
             self.parser.feed(data)
         except ParseError as err:
@@ -115,8 +121,9 @@ class Http1ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._cancel_idle_timer()
-        self._cancel_headers_timer()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         stream = self.stream
         if stream is not None:
             self.stream = None
@@ -139,8 +146,7 @@ class Http1ServerConnection(asyncio.Protocol):
     # -- parser callbacks --------------------------------------------------
 
     def on_request_head(self, head: Any) -> None:
-        self._cancel_headers_timer()
-        self._cancel_idle_timer()
+        self._headers_deadline = 0.0
         head.scheme = self.scheme
         strip_hop_by_hop(head.headers)
         self._keep_alive = head.keep_alive and not self.draining
@@ -310,34 +316,41 @@ class Http1ServerConnection(asyncio.Protocol):
             self._write(error_response(err.status, f"{err.reason}\n"))
             self.close()
 
-    def _on_headers_timeout(self) -> None:
-        self._headers_timer = None
-        if self.stream is None and not self.closed:
-            self.stats.downstream_rq_header_timeout.value += 1
-            log.info("downstream %s: request headers not complete within %.3gs; closing", self.remote_ip, self.hcm.request_headers_timeout)
-            self._write(error_response(408, "request_headers_timeout\n"))
-            self.close()
-
     def _arm_idle_timer(self) -> None:
         timeout = self.hcm.idle_timeout
-        if timeout and self._idle_timer is None:
-            self._idle_timer = self._loop.call_later(timeout, self._on_idle_timeout)
+        if timeout:
+            self._idle_deadline = deadline = self._loop.time() + timeout
+            if self._timer is None or self._timer_when > deadline:
+                self._schedule(deadline)
 
-    def _cancel_idle_timer(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+    def _schedule(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_when = when
+        self._timer = self._loop.call_at(when, self._on_deadline)
 
-    def _cancel_headers_timer(self) -> None:
-        if self._headers_timer is not None:
-            self._headers_timer.cancel()
-            self._headers_timer = None
-
-    def _on_idle_timeout(self) -> None:
-        self._idle_timer = None
-        if self.stream is None and not self.closed:
-            self.stats.downstream_cx_idle_timeout.value += 1
-            self.close()
+    def _on_deadline(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        now = self._loop.time()
+        headers, idle = self._headers_deadline, self._idle_deadline
+        if headers and self.stream is None:
+            if now >= headers:
+                self.stats.downstream_rq_header_timeout.value += 1
+                log.info("downstream %s: request headers not complete within %.3gs; closing", self.remote_ip, self.hcm.request_headers_timeout)
+                self._write(error_response(408, "request_headers_timeout\n"))
+                self.close()
+                return
+        elif idle and self.stream is None:
+            if now >= idle:
+                self.stats.downstream_cx_idle_timeout.value += 1
+                self.close()
+                return
+        # Not due yet: the deadlines moved since this timer was set.
+        pending = [d for d in (headers, idle) if d]
+        if pending:
+            self._schedule(min(pending))
 
     def start_drain(self) -> None:
         """The listener is draining: finish the request in flight, then close."""

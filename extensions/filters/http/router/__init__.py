@@ -13,6 +13,7 @@ from typing import Any
 
 from outrider import BuildContext, Extension, HttpFilter, HttpFilterFactory, STOP, hookimpl
 from outrider.http.message import Headers, RequestHead, ResponseHead
+from outrider.timeouts import Timeout
 
 log = logging.getLogger("outrider.router")
 
@@ -74,7 +75,7 @@ class Router(HttpFilter):
         self.trailers: Headers | None = None
         self.retry: RetryState | None = None
         self.attempts = 0
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: Timeout | None = None
         self.done = False
 
     # -- request path -------------------------------------------------------
@@ -129,8 +130,8 @@ class Router(HttpFilter):
             self.retry = RetryState(route.retry_policy)
         if not end_stream:
             self.body = []
-        if route.timeout:
-            self.timer = asyncio.get_running_loop().call_later(route.timeout, self._on_timeout)
+        if route.timeouts is not None:
+            self.timer = route.timeouts.add(self._on_timeout)
         stream.add_watermark_listener(self)
         self._attempt()
         return STOP
