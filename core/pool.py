@@ -44,11 +44,15 @@ class ConnectionPool:
         self.host = host
         self._make_protocol = make_protocol
         self._idle: list[Any] = []
-        self._idle_timers: dict[Any, asyncio.TimerHandle] = {}
+        # When each idle connection went idle (loop time), oldest first. One
+        # sweep timer closes the expired ones: no timer per request.
+        self._idle_since: dict[Any, float] = {}
+        self._sweep_timer: asyncio.TimerHandle | None = None
         self._waiters: deque[PoolWaiter] = deque()
         self._connecting = 0
         self._connections: set[Any] = set()
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- asking for a connection -----------------------------------------
 
@@ -58,9 +62,7 @@ class ConnectionPool:
         idle = self._idle
         while idle:
             conn = idle.pop()
-            timer = self._idle_timers.pop(conn, None)
-            if timer is not None:
-                timer.cancel()
+            del self._idle_since[conn]
             if conn.is_reusable():
                 waiter.on_pool_ready(conn)
                 return True
@@ -146,13 +148,23 @@ class ConnectionPool:
             self.cluster.stats.upstream_rq_pending_active.value -= 1
             waiter.on_pool_ready(conn)
             return
+        loop = self._loop
+        if loop is None:  # asking once: get_running_loop() costs a getpid()
+            loop = self._loop = asyncio.get_running_loop()
         self._idle.append(conn)
-        loop = asyncio.get_running_loop()
-        self._idle_timers[conn] = loop.call_later(self.cluster.idle_timeout, self._idle_expired, conn)
+        self._idle_since[conn] = now = loop.time()
+        if self._sweep_timer is None:
+            self._sweep_timer = loop.call_at(now + self.cluster.idle_timeout, self._sweep_idle)
 
-    def _idle_expired(self, conn: Any) -> None:
-        self._idle_timers.pop(conn, None)
-        if conn in self._idle:
+    def _sweep_idle(self) -> None:
+        self._sweep_timer = None
+        timeout = self.cluster.idle_timeout
+        now = self._loop.time()  # type: ignore[union-attr]
+        for conn, since in list(self._idle_since.items()):
+            if since + timeout > now:
+                self._sweep_timer = self._loop.call_at(since + timeout, self._sweep_idle)  # type: ignore[union-attr]
+                return
+            del self._idle_since[conn]
             self._idle.remove(conn)
             self.cluster.stats.upstream_cx_idle_timeout.value += 1
             conn.close()
@@ -165,10 +177,7 @@ class ConnectionPool:
         stats.upstream_cx_active.value -= 1
         stats.upstream_cx_destroy.value += 1
         self.host.active_connections -= 1
-        timer = self._idle_timers.pop(conn, None)
-        if timer is not None:
-            timer.cancel()
-        if conn in self._idle:
+        if self._idle_since.pop(conn, None) is not None:
             self._idle.remove(conn)
         # Waiters queued behind this connection's capacity may now connect.
         if self._waiters and self._connecting < len(self._waiters) and not self._closed:
@@ -177,9 +186,10 @@ class ConnectionPool:
 
     def close(self) -> None:
         self._closed = True
-        for timer in self._idle_timers.values():
-            timer.cancel()
-        self._idle_timers.clear()
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
+        self._idle_since.clear()
         for conn in list(self._idle):
             conn.close()
         self._idle.clear()

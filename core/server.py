@@ -78,7 +78,10 @@ class Server:
 
     def _build_listener(self, lconf: dict[str, Any], ctx: BuildContext) -> Listener:
         if "http" in lconf:
-            hcm = HttpConnectionManager(lconf["http"], ctx, listener_name=lconf["name"])
+            hcm = HttpConnectionManager(
+                lconf["http"], ctx, listener_name=lconf["name"],
+                buffer_limit=lconf.get("per_connection_buffer_limit", 1024 * 1024),
+            )
             codec = self._http_codec(lconf["http"].get("codec", "auto"), ctx)
             return Listener(lconf, "http", lambda listener: codec.server_protocol_factory(hcm, listener), self.stats)
         for key in self.registry.listener_protocols():

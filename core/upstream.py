@@ -1,7 +1,8 @@
 """Upstream hosts and the load-balancer contract.
 
 A ``load_balancers`` extension's factory is called once per cluster at config
-time as ``factory(config, hosts)`` and returns an object with the two methods
+time as ``factory(config, ctx, hosts=hosts)`` (``ctx`` is the
+:class:`~outrider.BuildContext`) and returns an object with the two methods
 of :class:`LoadBalancer`. ``choose`` runs on every request: keep it O(1)-ish
 and allocation-free.
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
@@ -82,9 +83,14 @@ class HttpStats(StatsGroup):
         counter.value += 1
 
 
+# Request ids need to be unique, not secret: a PRNG seeded from the OS costs
+# no system call per request (os.urandom does one).
+_id_bits = random.Random(os.urandom(32)).getrandbits
+
+
 def new_request_id() -> str:
     """A random (version 4) UUID string, cheaper than ``str(uuid.uuid4())``."""
-    h = os.urandom(16).hex()
+    h = f"{_id_bits(128):032x}"
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
 
 
@@ -95,7 +101,9 @@ class HttpConnectionManager:
     shares it.
     """
 
-    def __init__(self, config: dict[str, Any], ctx: "BuildContext", listener_name: str = "") -> None:
+    def __init__(
+        self, config: dict[str, Any], ctx: "BuildContext", listener_name: str = "", buffer_limit: int = 1024 * 1024
+    ) -> None:
         self.config = config
         self.listener_name = listener_name
         self.stat_prefix = config["stat_prefix"]
@@ -111,7 +119,9 @@ class HttpConnectionManager:
         self.request_timeout = config.get("request_timeout")
         self.max_request_headers_bytes = int(config.get("max_request_headers_kb", 60)) * 1024
         self.max_headers_count = int(config.get("max_headers_count", 100))
-        self.buffer_limit = int(config.get("per_connection_buffer_limit", 1024 * 1024))
+        #: The listener's per_connection_buffer_limit: request bytes held
+        #: (while a filter stops or the upstream connects) before reading pauses.
+        self.buffer_limit = buffer_limit
         self.draining = False
 
         self.filter_factories: list[HttpFilterFactory] = []
@@ -121,7 +131,7 @@ class HttpConnectionManager:
             if not hasattr(factory, "filter_class"):
                 raise TypeError(
                     f"filters.http extension {ref['name']!r}: its factory must return an "
-                    "outrider.HttpFilterFactory (got {type(factory).__name__})"
+                    f"outrider.HttpFilterFactory (got {type(factory).__name__})"
                 )
             factory.extension_name = ref["name"]
             self.filter_factories.append(factory)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from outrider import BuildContext, Extension, HttpFilter, HttpFilterFactory, STOP, hookimpl
@@ -240,28 +241,22 @@ class Router(HttpFilter):
             return False
         if self.attempts > 1:
             self.cluster.stats.upstream_rq_retry_success.value += 1
-        route = self.route
         self._finalize_response(head)
         if not self.config.suppress_envoy_headers:
             head.headers.append(("x-envoy-upstream-service-time", str(int(upstream.elapsed_ms()))))
-        if route is not None and self.timer is not None and end_stream:
-            self._cancel_timer()
-        self.stream.encode_headers(head, end_stream)
         if end_stream:
             self._finished()
+        self.stream.encode_headers(head, end_stream)
         return True
 
     def on_upstream_body(self, data: bytes, end_stream: bool) -> None:
         if end_stream:
-            self._cancel_timer()
-        self.stream.encode_body(data, end_stream)
-        if end_stream:
             self._finished()
+        self.stream.encode_body(data, end_stream)
 
     def on_upstream_trailers(self, trailers: Headers) -> None:
-        self._cancel_timer()
-        self.stream.encode_trailers(trailers)
         self._finished()
+        self.stream.encode_trailers(trailers)
 
     def _finalize_response(self, head: ResponseHead) -> None:
         route = self.route
@@ -272,8 +267,11 @@ class Router(HttpFilter):
             vhost_ops.apply(head.headers)
 
     def _finished(self) -> None:
+        # Before the last event goes downstream: finishing the response
+        # destroys the stream, and on_destroy must see a finished upstream.
         self.done = True
         self.upstream = None
+        self._cancel_timer()
 
     # -- flow control ---------------------------------------------------------
 
@@ -348,12 +346,12 @@ class UpstreamRequest:
         stats.upstream_rq_active.value += 1
         self.host.active_requests += 1
         self.started = True
-        self.start_time = asyncio.get_running_loop().time()
+        self.start_time = time.monotonic()
         self.pool = cluster.pool(self.host, cluster.codec)
         self.pool.acquire(self)
 
     def elapsed_ms(self) -> float:
-        return (asyncio.get_running_loop().time() - self.start_time) * 1000.0
+        return (time.monotonic() - self.start_time) * 1000.0
 
     def _end(self) -> None:
         if self.started:
@@ -376,10 +374,10 @@ class UpstreamRequest:
     # connection callbacks
     def on_upstream_headers(self, head: ResponseHead, end_stream: bool) -> None:
         self.cluster.stats.response(head.status)
-        if self.router.on_upstream_headers(self, head, end_stream):
-            self.response_started = True
         if end_stream:
             self._complete()
+        if self.router.on_upstream_headers(self, head, end_stream):
+            self.response_started = True
 
     def on_upstream_body(self, data: bytes, end_stream: bool) -> None:
         if end_stream:

@@ -214,3 +214,26 @@ def test_upstream_connections_close_after_idle_timeout(proxy, upstream):
         time.sleep(0.05)
     assert proc.stat("cluster.backend.upstream_cx_active") == 0
     assert proc.stat("cluster.backend.upstream_cx_idle_timeout") == 1
+
+
+def test_bodyless_responses_keep_the_upstream_connection_and_count_nothing_cancelled(proxy, upstream):
+    # 204 and HEAD responses end with their head: the stream finishes inside
+    # the upstream callback, which must neither drop the pooled connection
+    # nor count the finished request as cancelled.
+    upstream_port, _ = upstream
+    port = free_port()
+    proc = proxy.start(config(port, [f"127.0.0.1:{upstream_port}"]))
+
+    async def main():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+            for i in range(4):
+                async with session.get(f"http://127.0.0.1:{port}/status/204") as resp:
+                    assert resp.status == 204
+                async with session.head(f"http://127.0.0.1:{port}/head/{i}") as resp:
+                    assert resp.status == 200
+
+    asyncio.run(main())
+    stats = proc.stats()
+    assert stats["cluster.backend.upstream_rq_total"] == 8
+    assert stats["cluster.backend.upstream_cx_total"] == 1
+    assert stats["cluster.backend.upstream_rq_cancelled"] == 0
