@@ -59,6 +59,9 @@ class Extension:
     #: For extensions that run a whole listener protocol (``tcp:``, ``kafka:``):
     #: the listener key that selects them. ``http`` is the core's own.
     listener_protocol: str | None = None
+    #: For ``filters.http``: the schema of a route's ``per_filter_config``
+    #: entry for this filter (``per_route_schema.json``); ``schema`` when absent.
+    per_route_schema: dict[str, Any] | None = None
     readme_path: str | None = None
     distribution: str = "unknown"
     version: str = ""
@@ -75,6 +78,10 @@ class Extension:
         if "schema" not in fields and os.path.exists(schema_path):
             with open(schema_path, encoding="utf-8") as f:
                 fields["schema"] = json.load(f)
+        per_route_path = os.path.join(folder, "per_route_schema.json")
+        if "per_route_schema" not in fields and os.path.exists(per_route_path):
+            with open(per_route_path, encoding="utf-8") as f:
+                fields["per_route_schema"] = json.load(f)
         readme = os.path.join(folder, "README.md")
         if "readme_path" not in fields and os.path.exists(readme):
             fields["readme_path"] = readme

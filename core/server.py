@@ -100,7 +100,7 @@ class Server:
     # -- running ---------------------------------------------------------------
 
     async def start(self) -> None:
-        from .admin import start_admin
+        from .admin import bound_port, start_admin
 
         self._stopped = asyncio.Event()
         self.build_or_raise()
@@ -118,7 +118,9 @@ class Server:
         self._server_stats.live.value = 1
         self._server_stats.concurrency.value = 1
         self._tick()
-        log.info("outrider %s live (config %s); admin on %s", self.version, self.config_source, self.config["admin"]["address"])
+        admin_host = self.config["admin"]["host"]
+        admin = f"[{admin_host.strip('[]')}]" if ":" in admin_host else admin_host
+        log.info("outrider %s live (config %s); admin on %s:%d", self.version, self.config_source, admin, bound_port(self._admin_runner))
         if self.hook:
             self.hook.outrider_server_started(server=self)
 

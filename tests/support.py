@@ -83,7 +83,8 @@ class ProxyProcess:
         raise RuntimeError(f"proxy not ready after {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stats(self) -> dict[str, int]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from outrider import BuildContext, Extension, HttpFilter, HttpFilterFactory, StatsGroup, hookimpl
+from outrider import (
+    BuildContext, Extension, HttpFilter, HttpFilterFactory, Registry, RequestHead, ResponseHead, StatsGroup, hookimpl,
+)
 
 
 class AddHeaderStats(StatsGroup):
@@ -29,7 +31,7 @@ class AddHeaderConfig:
 class AddHeader(HttpFilter):
     config: AddHeaderConfig
 
-    def on_request_headers(self, request, end_stream):
+    def on_request_headers(self, request: RequestHead, end_stream: bool) -> Any:
         cfg = self.config
         if cfg.require_header and not request.headers.has(cfg.require_header):
             cfg.stats.rejected.inc()
@@ -38,7 +40,7 @@ class AddHeader(HttpFilter):
         request.headers.extend(cfg.request_headers)
         cfg.stats.added.inc()
 
-    def on_response_headers(self, response, end_stream):
+    def on_response_headers(self, response: ResponseHead, end_stream: bool) -> Any:
         response.headers.extend(self.config.response_headers)
 
 
@@ -47,7 +49,7 @@ def create(config: dict[str, Any], ctx: BuildContext) -> HttpFilterFactory:
 
 
 @hookimpl
-def outrider_register(registry):
+def outrider_register(registry: Registry) -> None:
     registry.add(
         Extension.from_module(
             __name__,
