@@ -416,10 +416,19 @@ class _Checker:
         self.check_core_schema()
         self.check_extensions()
         self.check_cross_references()
+        self.check_not_yet_supported()
         return self.errors
 
     def report(self, path: Path, message: str, at_key: bool = False) -> None:
         self.errors.append(self.doc.error(path, message, at_key))
+
+    def check_not_yet_supported(self) -> None:
+        # Accepted by the schema (it is the documented shape) but not built
+        # yet: refusing beats silently running something else.
+        workers = self.data.get("workers", 1)
+        if workers == "auto" or (type(workers) is int and workers > 1):
+            self.report(("workers",), f"{workers!r} is not supported yet: this version runs one "
+                                      "worker process (set workers: 1, or leave it out)")
 
     # 1. the core schema
 

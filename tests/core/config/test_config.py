@@ -232,8 +232,8 @@ def test_load_config_reads_a_file_and_names_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigInvalid) as info:
         load_config(str(path), BASIC)
     assert str(info.value) == f"{path}:1:10: workers: expected an integer or 'auto', got the string 'many'"
-    path.write_text("workers: auto\n")
-    assert load_config(str(path), BASIC)["workers"] == "auto"
+    path.write_text("workers: 1\n")
+    assert load_config(str(path), BASIC)["workers"] == 1
 
 
 def test_an_empty_file_is_an_empty_config() -> None:
@@ -529,8 +529,7 @@ def test_duplicate_names_and_addresses() -> None:
 
 
 def test_workers() -> None:
-    assert load("workers: auto\n")["workers"] == "auto"
-    assert load("workers: 4\n")["workers"] == 4
+    assert load("workers: 1\n")["workers"] == 1
     assert only_error("workers: 0\n").message == "must be at least 1, got 0"
     assert only_error("workers: lots\n").message == "expected an integer or 'auto', got the string 'lots'"
 
@@ -688,3 +687,12 @@ def test_the_reference_example_without_its_extensions_names_each_missing_one() -
     for category, name in [("stats_sinks", "prometheus"), ("tracers", "zipkin"), ("filters.http", "cors"),
                            ("access_loggers", "file"), ("load_balancers", "least_request"), ("health_checkers", "http")]:
         assert f"unknown {category} extension {name!r} (none installed)" in messages
+
+
+@pytest.mark.parametrize("value", ["2", "auto"])
+def test_more_than_one_worker_is_refused_until_it_is_built(value: str) -> None:
+    error = only_error(f"workers: {value}\n")
+    assert (error.line, error.column) == (1, 10)
+    assert error.path == "workers"
+    assert "not supported yet" in error.message
+    assert load("workers: 1\n")["workers"] == 1
