@@ -36,12 +36,13 @@ def _registry_or_exit() -> Registry:
 
 def _load(path: str | None, registry: Registry) -> tuple[dict, str]:
     from .config import ConfigInvalid, load_config, load_config_text
+    from .server import UNSUPPORTED
 
     try:
         if path is None:
             text = resources.files("outrider").joinpath("default_config.yaml").read_text()
-            return load_config_text(text, registry, source=DEFAULT_CONFIG_NAME), DEFAULT_CONFIG_NAME
-        return load_config(path, registry), path
+            return load_config_text(text, registry, source=DEFAULT_CONFIG_NAME, unsupported=UNSUPPORTED), DEFAULT_CONFIG_NAME
+        return load_config(path, registry, unsupported=UNSUPPORTED), path
     except ConfigInvalid as exc:
         count = len(exc.errors)
         print(str(exc), file=sys.stderr)

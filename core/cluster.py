@@ -31,6 +31,7 @@ class ClusterStats(StatsGroup):
         "upstream_rq_per_try_timeout",
         "upstream_rq_retry",
         "upstream_rq_retry_success",
+        "upstream_rq_retry_overflow",
         "upstream_rq_pending_total",
         "upstream_rq_pending_overflow",
         "upstream_rq_rx_reset",
@@ -98,6 +99,8 @@ class Cluster:
         self.max_pending_requests = int(breakers.get("max_pending_requests", 1024))
         self.max_requests = int(breakers.get("max_requests", 1024))
         self.max_retries = int(breakers.get("max_retries", 3))
+        #: Retries in flight across the cluster (checked against max_retries).
+        self.active_retries = 0
         self.hosts = [
             Host(e["host"], e["port"], int(e.get("weight", 1)), self.name) for e in config["endpoints"]
         ]

@@ -28,6 +28,28 @@ class ServerStats(StatsGroup):
     GAUGES = ("live", "uptime", "concurrency")
 
 
+#: Settings the config schema describes (they are the documented shape) but
+#: this server does not build yet. Refusing them beats silently running
+#: something else: a "tls:" block served as plain text, say. Pass this to
+#: ``load_config(..., unsupported=UNSUPPORTED)``.
+_OFF = (None, [], {}, False, 0)
+UNSUPPORTED: tuple[tuple[tuple[str, ...], str, tuple], ...] = (
+    (("workers",), "more than one worker process", (1, None)),
+    (("admin", "access_log_path"), "admin access logs", _OFF),
+    (("stats", "sinks"), "stats sinks", _OFF),
+    (("tracing",), "tracing", _OFF),
+    (("listeners", "*", "tls"), "TLS on listeners", _OFF),
+    (("listeners", "*", "network_filters"), "network filters", _OFF),
+    (("listeners", "*", "access_log"), "access logs", _OFF),
+    (("listeners", "*", "http", "debug"), "the debug header", _OFF),
+    (("listeners", "*", "http", "virtual_hosts", "*", "routes", "*", "route", "idle_timeout"), "route idle timeouts", _OFF),
+    (("clusters", "*", "tls"), "TLS to upstreams", _OFF),
+    (("clusters", "*", "discovery"), "DNS discovery", _OFF + ("static",)),
+    (("clusters", "*", "health_check"), "active health checks", _OFF),
+    (("clusters", "*", "outlier_detection"), "outlier detection", _OFF),
+)
+
+
 class StartupError(Exception):
     """The config validated but could not be put into service (a port in use,
     an extension factory that refused its config)."""

@@ -50,7 +50,7 @@ import ipaddress
 import json
 import re
 from pathlib import Path as FilePath
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import SchemaError, ValidationError
@@ -106,8 +106,16 @@ for _name, _check in (("duration", _check_duration), ("address", _check_address)
 
 # -- public entry points -------------------------------------------------------
 
-def load_config(path: str, registry: Registry) -> dict[str, Any]:
+#: A config path ("*" for every item of a list), what to call it in the
+#: error, and the values that are fine there (e.g. ``workers: 1``).
+Unsupported = tuple[tuple[str, ...], str, tuple[Any, ...]]
+
+
+def load_config(path: str, registry: Registry, unsupported: Iterable[Unsupported] = ()) -> dict[str, Any]:
     """Read, validate and normalise the configuration file at ``path``.
+
+    ``unsupported`` names settings the caller accepts in the schema's shape
+    but cannot honour; a config that uses one is refused with its position.
 
     Raises :class:`ConfigInvalid` with every error found, ``OSError`` when
     the file cannot be read.
@@ -118,10 +126,12 @@ def load_config(path: str, registry: Registry) -> dict[str, Any]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigInvalid([ConfigError(path, 1, 1, "", f"not UTF-8 text: {exc}")]) from None
-    return load_config_text(text, registry, source=path)
+    return load_config_text(text, registry, source=path, unsupported=unsupported)
 
 
-def load_config_text(text: str, registry: Registry, source: str = "<string>") -> dict[str, Any]:
+def load_config_text(
+    text: str, registry: Registry, source: str = "<string>", unsupported: Iterable[Unsupported] = ()
+) -> dict[str, Any]:
     """Validate and normalise configuration ``text`` (``source`` names it in
     errors). Raises :class:`ConfigInvalid` with every error found."""
     doc, errors = parse_yaml(text, source)
@@ -130,7 +140,7 @@ def load_config_text(text: str, registry: Registry, source: str = "<string>") ->
     # A string whose ${VAR} could not be substituted has already been
     # reported; what the checks then say about "${VAR}" is only noise.
     unresolved = {format_path(p) for p in doc.unresolved}
-    errors += [e for e in _Checker(doc, registry).run() if e.path not in unresolved]
+    errors += [e for e in _Checker(doc, registry, tuple(unsupported)).run() if e.path not in unresolved]
     if errors:
         raise ConfigInvalid(_tidy(errors))
     return normalise(doc.data, registry)
@@ -405,8 +415,9 @@ def _set(data: Any, path: Path, value: Any) -> None:
 class _Checker:
     """Runs the three passes over one document, collecting every error."""
 
-    def __init__(self, doc: Document, registry: Registry) -> None:
+    def __init__(self, doc: Document, registry: Registry, unsupported: tuple[Unsupported, ...] = ()) -> None:
         self.doc = doc
+        self.unsupported = unsupported
         self.registry = registry
         self.data = _dict(doc.data)
         self.errors: list[ConfigError] = []
@@ -416,19 +427,22 @@ class _Checker:
         self.check_core_schema()
         self.check_extensions()
         self.check_cross_references()
-        self.check_not_yet_supported()
+        self.check_unsupported()
         return self.errors
 
     def report(self, path: Path, message: str, at_key: bool = False) -> None:
         self.errors.append(self.doc.error(path, message, at_key))
 
-    def check_not_yet_supported(self) -> None:
-        # Accepted by the schema (it is the documented shape) but not built
-        # yet: refusing beats silently running something else.
-        workers = self.data.get("workers", 1)
-        if workers == "auto" or (type(workers) is int and workers > 1):
-            self.report(("workers",), f"{workers!r} is not supported yet: this version runs one "
-                                      "worker process (set workers: 1, or leave it out)")
+    def check_unsupported(self) -> None:
+        for pattern, feature, fine in self.unsupported:
+            for path, value in _matching(self.data, pattern):
+                if value not in fine:
+                    self.report(path, f"{feature}: not supported yet in this version of outrider; "
+                                      "remove this setting", at_key=True)
+        for ci, cluster in _items(self.data.get("clusters")):
+            protocol = _dict(cluster).get("protocol")
+            if isinstance(protocol, str) and protocol != "auto" and self.registry.get("codecs", protocol) is None:
+                self.report(("clusters", ci, "protocol"), self.unknown_extension("codecs", protocol, always=("auto",)))
 
     # 1. the core schema
 
@@ -651,6 +665,19 @@ def _domain_problem(domain: str) -> str | None:
     if stars == 1 and not (domain.startswith("*") or domain.endswith("*")):
         return f"domain {domain!r}: a wildcard may only be the whole domain (*), its start (*.example.com) or its end (example.*)"
     return None
+
+
+def _matching(data: Any, pattern: tuple[str, ...], path: Path = ()) -> Iterator[tuple[Path, Any]]:
+    """(path, value) of every place in ``data`` that ``pattern`` names."""
+    if not pattern:
+        yield path, data
+        return
+    head, rest = pattern[0], pattern[1:]
+    if head == "*":
+        for i, item in _items(data):
+            yield from _matching(item, rest, path + (i,))
+    elif isinstance(data, dict) and head in data:
+        yield from _matching(data[head], rest, path + (head,))
 
 
 # -- normalisation -------------------------------------------------------------

@@ -17,6 +17,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..stats import StatsGroup
+from ..timeouts import Timeout, TimeoutQueue
 from .filter import STOP, HttpFilter, HttpFilterFactory, overrides
 from .message import Headers, RequestHead, ResponseHead
 from .routing import Route, RouteTable
@@ -117,6 +118,8 @@ class HttpConnectionManager:
         self.request_headers_timeout = config.get("request_headers_timeout", 10.0)
         self.idle_timeout = config.get("idle_timeout", 300.0)
         self.request_timeout = config.get("request_timeout")
+        #: Deadlines for receiving a whole request (``request_timeout``).
+        self.request_timeouts = TimeoutQueue(self.request_timeout) if self.request_timeout else None
         self.max_request_headers_bytes = int(config.get("max_request_headers_kb", 60)) * 1024
         self.max_headers_count = int(config.get("max_headers_count", 100))
         #: The listener's per_connection_buffer_limit: request bytes held
@@ -192,6 +195,7 @@ class ActiveStream:
         "_current",
         "_reading_paused",
         "_watermark_listeners",
+        "_request_timer",
         "state",
     )
 
@@ -221,6 +225,7 @@ class ActiveStream:
         self._current = 0
         self._reading_paused = False
         self._watermark_listeners: list[Any] = []
+        self._request_timer: Timeout | None = None
         #: Free-form per-request data filters may share (e.g. timings).
         self.state: dict[str, Any] = {}
         self.filters: list[HttpFilter] = [factory(self) for factory in hcm.filter_factories]
@@ -256,6 +261,8 @@ class ActiveStream:
         self.route = hcm.route_table.route(request)
         if end_stream:
             self.request_complete = True
+        elif hcm.request_timeouts is not None:
+            self._request_timer = hcm.request_timeouts.add(self._on_request_timeout)
         self._decode(_HEADERS, 0, request, end_stream)
         if request.expect_continue and not self.response_started and not self.request_complete:
             self.connection.send_continue(self)
@@ -265,6 +272,7 @@ class ActiveStream:
         self.bytes_received += len(chunk)
         if end_stream:
             self.request_complete = True
+            self._cancel_request_timer()
         if self._req_stopped is not None:
             self._queue_request(_BODY, chunk, end_stream)
             return
@@ -272,6 +280,7 @@ class ActiveStream:
 
     def decode_trailers(self, trailers: Headers) -> None:
         self.request_complete = True
+        self._cancel_request_timer()
         if self._req_stopped is not None:
             self._queue_request(_TRAILERS, trailers, True)
             return
@@ -535,10 +544,26 @@ class ActiveStream:
                 stats.by_class[status // 100].value += 1
         self._destroy()
 
+    def _cancel_request_timer(self) -> None:
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+            self._request_timer = None
+
+    def _on_request_timeout(self) -> None:
+        self._request_timer = None
+        if self.destroyed or self.request_complete:
+            return
+        self.hcm.stats.downstream_rq_timeout.value += 1
+        log.info("request %s %s (id %s): not received within request_timeout %.3gs",
+                 self.request.method, self.request.path, self.request_id or "-", self.hcm.request_timeout)
+        # A reply mid-request closes the connection: the rest will not be read.
+        self.send_local_reply(408, "request timeout\n", details="request_overall_timeout")
+
     def _destroy(self) -> None:
         if self.destroyed:
             return
         self.destroyed = True
+        self._cancel_request_timer()
         self.hcm.stats.downstream_rq_active.value -= 1
         filters = self.filters
         for index in self.hcm.destroy_hooks:

@@ -150,6 +150,7 @@ class Route:
     """One compiled route: its match, its action, its header operations."""
 
     timeouts: TimeoutQueue | None = None
+    per_try_timeouts: TimeoutQueue | None = None
 
     def __init__(self, spec: dict[str, Any], vhost: "VirtualHost", index: int) -> None:
         self.vhost = vhost
@@ -194,6 +195,8 @@ class Route:
             self.timeouts = TimeoutQueue(self.timeout) if self.timeout else None
             self.idle_timeout: float | None = action.get("idle_timeout")
             self.retry_policy: dict[str, Any] | None = action.get("retry_policy")
+            per_try = (self.retry_policy or {}).get("per_try_timeout")
+            self.per_try_timeouts = TimeoutQueue(float(per_try)) if per_try else None
         elif "direct_response" in spec:
             dr = spec["direct_response"]
             body = dr.get("body", "")

@@ -77,6 +77,8 @@ class Router(HttpFilter):
         self.retry: RetryState | None = None
         self.attempts = 0
         self.timer: Timeout | None = None
+        self.try_timer: Timeout | None = None  # the current attempt's per_try_timeout
+        self.retries_held = 0  # this request's share of the cluster's max_retries
         self.done = False
 
     # -- request path -------------------------------------------------------
@@ -168,15 +170,36 @@ class Router(HttpFilter):
 
     def _attempt(self) -> None:
         cluster = self.cluster
+        stats = cluster.stats
+        if stats.upstream_rq_active.value >= cluster.max_requests:
+            stats.upstream_rq_pending_overflow.value += 1
+            self._fail(503, "upstream overflow\n", "upstream_max_requests_overflow", "UO")
+            return
         host = cluster.choose_host(self.request)
         if host is None:
-            cluster.stats.upstream_cx_none_healthy.value += 1
+            stats.upstream_cx_none_healthy.value += 1
             self._fail(503, "no healthy upstream\n", "no_healthy_upstream", "UH")
             return
         self.attempts += 1
         self.stream.upstream_host = host.address
+        per_try = self.route.per_try_timeouts  # type: ignore[union-attr]
+        if per_try is not None:
+            self.try_timer = per_try.add(self._on_per_try_timeout)
         self.upstream = UpstreamRequest(self, cluster, host)
         self.upstream.start()
+
+    def _on_per_try_timeout(self) -> None:
+        self.try_timer = None
+        if self.done:
+            return
+        self.cluster.stats.upstream_rq_per_try_timeout.value += 1
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.abandon()
+        if self._retry_allowed("per_try_timeout"):
+            self._attempt()
+            return
+        self._fail(504, "upstream request timeout\n", "upstream_per_try_timeout", "UT")
 
     def _send_request(self, upstream: "UpstreamRequest") -> None:
         """The pool gave ``upstream`` a connection: send what we have."""
@@ -199,6 +222,7 @@ class Router(HttpFilter):
         if self.done or upstream is not self.upstream:
             return
         self.upstream = None
+        self._cancel_try_timer()
         if response_started:
             self.stream.reset(f"upstream_reset_after_response_started{{{reason}}}")
             return
@@ -224,17 +248,41 @@ class Router(HttpFilter):
 
     def _use_retry(self) -> bool:
         assert self.retry is not None
+        cluster = self.cluster
+        if cluster.active_retries >= cluster.max_retries:
+            # The circuit breaker: retries in flight across the cluster.
+            cluster.stats.upstream_rq_retry_overflow.value += 1
+            return False
+        cluster.active_retries += 1
+        self.retries_held += 1
         self.retry.remaining -= 1
-        self.cluster.stats.upstream_rq_retry.value += 1
+        cluster.stats.upstream_rq_retry.value += 1
+        self._cancel_try_timer()
         return True
+
+    def _cancel_try_timer(self) -> None:
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+
+    def _release_retries(self) -> None:
+        if self.retries_held:
+            self.cluster.active_retries -= self.retries_held
+            self.retries_held = 0
 
     # -- response path --------------------------------------------------------
 
     def on_upstream_headers(self, upstream: "UpstreamRequest", head: ResponseHead, end_stream: bool) -> bool:
         """Returns False when the response is discarded for a retry."""
+        self._cancel_try_timer()
         retry = self.retry
-        if retry is not None and retry.remaining > 0 and retry.retry_status(head.status) and (self.request_ended or self.body is not None):
-            self._use_retry()
+        if (
+            retry is not None
+            and retry.remaining > 0
+            and retry.retry_status(head.status)
+            and (self.request_ended or self.body is not None)
+            and self._use_retry()
+        ):
             self.upstream = None
             upstream.abandon()
             self._attempt()
@@ -272,6 +320,8 @@ class Router(HttpFilter):
         self.done = True
         self.upstream = None
         self._cancel_timer()
+        self._cancel_try_timer()
+        self._release_retries()
 
     # -- flow control ---------------------------------------------------------
 
@@ -299,6 +349,8 @@ class Router(HttpFilter):
     def _fail(self, status: int, body: str, details: str, flag: str) -> None:
         self.done = True
         self._cancel_timer()
+        self._cancel_try_timer()
+        self._release_retries()
         self.stream.send_local_reply(status, body, details=details, flag=flag)
 
     def _cancel_timer(self) -> None:
@@ -308,6 +360,8 @@ class Router(HttpFilter):
 
     def on_destroy(self) -> None:
         self._cancel_timer()
+        self._cancel_try_timer()
+        self._release_retries()
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.abandon()

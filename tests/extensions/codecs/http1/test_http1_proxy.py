@@ -13,7 +13,7 @@ import aiohttp
 import asyncio
 import pytest
 
-from support import free_port, raw_exchange, start_raw
+from support import free_port, http_get, raw_exchange, start_raw
 
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 
@@ -355,3 +355,17 @@ def test_idle_connection_is_closed(proxy, upstream):
         sock.settimeout(5)
         assert sock.recv(10) == b""
     assert proc.stat("http.ingress.downstream_cx_idle_timeout") == 1
+
+
+def test_request_timeout_answers_408_when_the_body_stalls(proxy, upstream):
+    upstream_port, app = upstream
+    port = free_port()
+    proc = proxy.start(simple_config(port, upstream_port, http_extra="      request_timeout: 300ms"))
+    started = time.monotonic()
+    raw = raw_exchange(port, b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab", timeout=5)
+    assert raw.startswith(b"HTTP/1.1 408 "), raw
+    assert b"connection: close" in raw.lower()
+    assert time.monotonic() - started < 3
+    assert proc.stat("http.ingress.downstream_rq_timeout") == 1
+    # A request that arrives in time is not affected by the timer.
+    assert http_get(f"http://127.0.0.1:{port}/fast")[0] == 200

@@ -237,3 +237,93 @@ def test_bodyless_responses_keep_the_upstream_connection_and_count_nothing_cance
     assert stats["cluster.backend.upstream_rq_total"] == 8
     assert stats["cluster.backend.upstream_cx_total"] == 1
     assert stats["cluster.backend.upstream_rq_cancelled"] == 0
+
+
+def concurrent_statuses(port: int, paths: list[str]) -> list[int]:
+    async def main():
+        async with aiohttp.ClientSession() as session:
+            async def one(path):
+                async with session.get(f"http://127.0.0.1:{port}{path}") as resp:
+                    await resp.read()
+                    return resp.status
+            return await asyncio.gather(*(one(p) for p in paths))
+
+    return asyncio.run(main())
+
+
+def test_max_requests_circuit_breaker_answers_503_uo(proxy, upstream):
+    upstream_port, _ = upstream
+    port = free_port()
+    proc = proxy.start(config(
+        port, [f"127.0.0.1:{upstream_port}"], cluster_extra="    circuit_breakers: {max_requests: 2}",
+    ))
+    statuses = concurrent_statuses(port, ["/delay/0.5"] * 4)
+    assert sorted(statuses) == [200, 200, 503, 503]
+    assert proc.stat("cluster.backend.upstream_rq_pending_overflow") == 2
+    assert proc.stat("cluster.backend.upstream_rq_total") == 2
+    # Once the two finish, the breaker closes again.
+    assert get(port, "/after")[0] == 200
+
+
+def test_max_retries_circuit_breaker_limits_retries_in_flight(proxy):
+    def busy(data: bytes, transport) -> None:
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy")
+
+    server, busy_port, _ = start_raw(busy)
+    try:
+        port = free_port()
+        proc = proxy.start(config(
+            port, [f"127.0.0.1:{busy_port}"],
+            route_extra=", retry_policy: {retry_on: [5xx], num_retries: 3}",
+            cluster_extra="    circuit_breakers: {max_retries: 0}",
+        ))
+        status, _, body = get(port, "/")
+        assert (status, body) == (503, b"busy")
+        assert proc.stat("cluster.backend.upstream_rq_retry") == 0
+        assert proc.stat("cluster.backend.upstream_rq_retry_overflow") == 1
+        assert proc.stat("cluster.backend.upstream_rq_total") == 1
+    finally:
+        server.stop()
+
+
+def test_per_try_timeout_retries_a_stalled_attempt_then_gives_504(proxy, upstream):
+    upstream_port, _ = upstream
+    stalled = []
+
+    def stall(data: bytes, transport) -> None:
+        stalled.append(data)  # never answers
+
+    server, stall_port, _ = start_raw(stall)
+    try:
+        port = free_port()
+        # Round robin starts with the stalled host; its attempt times out
+        # after 300ms and the retry goes to the healthy one.
+        proc = proxy.start(config(
+            port, [f"127.0.0.1:{stall_port}", f"127.0.0.1:{upstream_port}"],
+            route_extra=", timeout: 5s, retry_policy: {retry_on: [5xx], num_retries: 1, per_try_timeout: 300ms}",
+        ))
+        started = time.monotonic()
+        status, _, body = get(port, "/retried")
+        assert status == 200 and json.loads(body)["path"] == "/retried"
+        assert 0.25 < time.monotonic() - started < 3
+        assert len(stalled) == 1
+        assert proc.stat("cluster.backend.upstream_rq_per_try_timeout") == 1
+        assert proc.stat("cluster.backend.upstream_rq_retry") == 1
+    finally:
+        server.stop()
+
+    # Without a retry left, a stalled attempt is a 504 after per_try_timeout.
+    server, stall_port, _ = start_raw(stall)
+    try:
+        port = free_port()
+        proc = proxy.start(config(
+            port, [f"127.0.0.1:{stall_port}"],
+            route_extra=", timeout: 5s, retry_policy: {retry_on: [connect-failure], num_retries: 1, per_try_timeout: 300ms}",
+        ))
+        started = time.monotonic()
+        status, _, _ = get(port, "/stalled")
+        assert status == 504
+        assert time.monotonic() - started < 3
+        assert proc.stat("cluster.backend.upstream_rq_per_try_timeout") == 1
+    finally:
+        server.stop()
