@@ -168,67 +168,51 @@ class HttpConnectionManager:
 class ActiveStream:
     """One request and its response, as it passes through the filter chain."""
 
-    __slots__ = (
-        "hcm",
-        "connection",
-        "request",
-        "response",
-        "filters",
-        "route",
-        "start_time",
-        "request_id",
-        "upstream_host",
-        "upstream_cluster",
-        "response_flags",
-        "response_code_details",
-        "bytes_received",
-        "bytes_sent",
-        "request_complete",
-        "response_started",
-        "response_complete",
-        "destroyed",
-        "_req_stopped",
-        "_req_pending",
-        "_req_pending_bytes",
-        "_resp_stopped",
-        "_resp_pending",
-        "_current",
-        "_reading_paused",
-        "_watermark_listeners",
-        "_request_timer",
-        "state",
-    )
+    # Per-request state starts as these class-level defaults: a stream sets
+    # only what its request changes (most requests change little of it).
+    response: ResponseHead | None = None
+    route: Route | None = None
+    request_id = ""
+    upstream_host: str | None = None
+    upstream_cluster: str | None = None
+    #: Envoy response flags (``UH``, ``UF``, ``NR``...), in the order set.
+    response_flags: tuple[str, ...] = ()
+    response_code_details = ""
+    bytes_received = 0
+    bytes_sent = 0
+    request_complete = False
+    response_started = False
+    response_complete = False
+    destroyed = False
+    _req_stopped: tuple[int, int, Any, bool] | None = None
+    _req_pending: deque | None = None
+    _req_pending_bytes = 0
+    _resp_stopped: tuple[int, int, Any, bool] | None = None
+    _resp_pending: deque | None = None
+    _current = 0
+    _reading_paused = False
+    _watermark_listeners: tuple[Any, ...] = ()
+    _request_timer: Timeout | None = None
+    _state: dict[str, Any] | None = None
 
     def __init__(self, hcm: HttpConnectionManager, connection: Any, request: RequestHead) -> None:
         self.hcm = hcm
         self.connection = connection
         self.request = request
-        self.response: ResponseHead | None = None
         self.start_time = time.monotonic()
-        self.route: Route | None = None
-        self.request_id = ""
-        self.upstream_host: str | None = None
-        self.upstream_cluster: str | None = None
-        self.response_flags: list[str] = []
-        self.response_code_details = ""
-        self.bytes_received = 0
-        self.bytes_sent = 0
-        self.request_complete = False
-        self.response_started = False
-        self.response_complete = False
-        self.destroyed = False
-        self._req_stopped: tuple[int, int, Any, bool] | None = None
-        self._req_pending: deque | None = None
-        self._req_pending_bytes = 0
-        self._resp_stopped: tuple[int, int, Any, bool] | None = None
-        self._resp_pending: deque | None = None
-        self._current = 0
-        self._reading_paused = False
-        self._watermark_listeners: list[Any] = []
-        self._request_timer: Timeout | None = None
-        #: Free-form per-request data filters may share (e.g. timings).
-        self.state: dict[str, Any] = {}
         self.filters: list[HttpFilter] = [factory(self) for factory in hcm.filter_factories]
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """Free-form per-request data filters may share (e.g. timings)."""
+        state = self._state
+        if state is None:
+            state = self._state = {}
+        return state
+
+    def add_response_flag(self, flag: str) -> None:
+        if flag not in self.response_flags:
+            self.response_flags += (flag,)
 
     # -- decoding (downstream → filters) -----------------------------------
 
@@ -449,7 +433,7 @@ class ActiveStream:
         When the response has already started, the stream is reset instead.
         """
         if flag:
-            self.response_flags.append(flag)
+            self.add_response_flag(flag)
         if details:
             self.response_code_details = details
         if self.response_started:
@@ -495,11 +479,10 @@ class ActiveStream:
     def add_watermark_listener(self, listener: Any) -> None:
         """``listener.on_downstream_write_paused()`` / ``_resumed()`` are called
         when the client reads slower than the response is produced."""
-        self._watermark_listeners.append(listener)
+        self._watermark_listeners += (listener,)
 
     def remove_watermark_listener(self, listener: Any) -> None:
-        if listener in self._watermark_listeners:
-            self._watermark_listeners.remove(listener)
+        self._watermark_listeners = tuple(x for x in self._watermark_listeners if x is not listener)
 
     def on_downstream_write_paused(self) -> None:
         for listener in self._watermark_listeners:
@@ -527,8 +510,7 @@ class ActiveStream:
             return
         if not self.response_complete:
             self.hcm.stats.downstream_rq_rx_reset.value += 1
-            if "DC" not in self.response_flags:
-                self.response_flags.append("DC")
+            self.add_response_flag("DC")
             if not self.response_code_details:
                 self.response_code_details = reason
         self._destroy()

@@ -63,23 +63,23 @@ class Router(HttpFilter):
 
     terminal = True
 
-    def __init__(self, stream: Any, config: RouterConfig) -> None:
-        self.stream = stream
-        self.config = config
-        self.cluster: Any = None
-        self.route: Any = None
-        self.request: RequestHead | None = None
-        self.upstream: UpstreamRequest | None = None
-        self.request_ended = False
-        self.body: list[bytes] | None = None  # held until connected, and for retries
-        self.body_size = 0
-        self.trailers: Headers | None = None
-        self.retry: RetryState | None = None
-        self.attempts = 0
-        self.timer: Timeout | None = None
-        self.try_timer: Timeout | None = None  # the current attempt's per_try_timeout
-        self.retries_held = 0  # this request's share of the cluster's max_retries
-        self.done = False
+    # Per-request state starts as class-level defaults: the base __init__
+    # sets only stream and config, the rest is set as the request needs it.
+    config: RouterConfig
+    cluster: Any = None
+    route: Any = None
+    request: RequestHead | None = None
+    upstream: "UpstreamRequest | None" = None
+    request_ended = False
+    body: list[bytes] | None = None  # held until connected, and for retries
+    body_size = 0
+    trailers: Headers | None = None
+    retry: RetryState | None = None
+    attempts = 0
+    timer: Timeout | None = None
+    try_timer: Timeout | None = None  # the current attempt's per_try_timeout
+    retries_held = 0  # this request's share of the cluster's max_retries
+    done = False
 
     # -- request path -------------------------------------------------------
 
@@ -380,18 +380,17 @@ def _clone_head(head: RequestHead) -> RequestHead:
 class UpstreamRequest:
     """One attempt: waits for a pooled connection, then relays the response."""
 
-    __slots__ = ("router", "cluster", "host", "connection", "pool", "started", "response_started", "complete", "start_time")
+    connection: Any = None
+    pool: Any = None
+    response_started = False
+    complete = False
+    started = False
+    start_time = 0.0
 
     def __init__(self, router: Router, cluster: Any, host: Any) -> None:
         self.router = router
         self.cluster = cluster
         self.host = host
-        self.connection: Any = None
-        self.pool: Any = None
-        self.response_started = False
-        self.complete = False
-        self.started = False
-        self.start_time = 0.0
 
     def start(self) -> None:
         cluster = self.cluster
