@@ -4,6 +4,7 @@ upstream, in one run, with the same upstream.
 
     python3 bench/run.py                 # 12 B and 16 KiB bodies, 10 s each
     python3 bench/run.py --duration 5 --sizes 12
+    python3 bench/run.py --targets outrider --access-log /tmp/access.log   # with a file access log
 
 The proxy under test is pinned to CPU 0 with one worker; wrk and the upstream
 (nginx) share the other CPUs. Reported per target and body size: requests/s,
@@ -107,8 +108,15 @@ http {{
     return proc
 
 
-def outrider_config(port: int, admin_port: int, upstream_port: int) -> str:
-    # Request ids and stats on (the defaults), no access log.
+def outrider_config(port: int, admin_port: int, upstream_port: int, access_log: str | None = None) -> str:
+    # Request ids and stats on (the defaults); an access log (a file, Envoy's
+    # default format) only with --access-log.
+    log_block = ""
+    if access_log:
+        log_block = f"""    access_log:
+      - name: file
+        config: {{path: {json.dumps(access_log)}}}
+"""
     return f"""
 admin: {{address: "127.0.0.1:{admin_port}"}}
 listeners:
@@ -123,7 +131,7 @@ listeners:
           routes:
             - match: {{prefix: /}}
               route: {{cluster: upstream}}
-clusters:
+{log_block}clusters:
   - name: upstream
     endpoints: ["127.0.0.1:{upstream_port}"]
 """
@@ -166,9 +174,9 @@ static_resources:
 """
 
 
-def start_outrider(workdir: Path, port: int, upstream_port: int, cpus: str) -> subprocess.Popen:
+def start_outrider(workdir: Path, port: int, upstream_port: int, cpus: str, access_log: str | None = None) -> subprocess.Popen:
     conf = workdir / "outrider.yaml"
-    conf.write_text(outrider_config(port, free_port(), upstream_port))
+    conf.write_text(outrider_config(port, free_port(), upstream_port, access_log))
     cmd = [sys.executable, "-m", "outrider", "run", "-c", str(conf), "--log-level", "warning"]
     proc = subprocess.Popen(pinned(cmd, cpus))
     wait_for_port(port)
@@ -238,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[12, 16384], help="response body sizes in bytes")
     parser.add_argument("--targets", nargs="+", default=["direct", "envoy", "outrider"], choices=["direct", "envoy", "outrider"])
     parser.add_argument("--proxy-cpus", default="0", help="CPUs the proxy under test is pinned to (default 0)")
+    parser.add_argument("--access-log", metavar="PATH", help="give Outrider a file access log (Envoy's default format) writing to PATH")
     args = parser.parse_args(argv)
     ncpu = os.cpu_count() or 1
     rest = ",".join(str(c) for c in range(ncpu) if str(c) not in args.proxy_cpus.split(",")) or "0"
@@ -256,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 port = upstream_port if target == "direct" else free_port()
                 proc = None
                 if target == "outrider":
-                    proc = start_outrider(workdir, port, upstream_port, args.proxy_cpus)
+                    proc = start_outrider(workdir, port, upstream_port, args.proxy_cpus, args.access_log)
                 elif target == "envoy":
                     proc = start_envoy(workdir, port, upstream_port, args.proxy_cpus)
                     if proc is None:

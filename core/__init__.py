@@ -12,7 +12,7 @@ from .hookspecs import hookimpl, hookspec  # noqa: E402
 from .http.filter import CONTINUE, STOP, HttpFilter, HttpFilterFactory  # noqa: E402
 from .http.message import Headers, RequestHead, ResponseHead  # noqa: E402
 from .registry import CATEGORIES, Extension, Registry  # noqa: E402
-from .stats import Counter, Gauge, StatsGroup  # noqa: E402
+from .stats import Counter, Gauge, Histogram, StatsGroup  # noqa: E402
 from .upstream import Host  # noqa: E402
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "Extension",
     "Gauge",
     "Headers",
+    "Histogram",
     "Host",
     "HttpFilter",
     "HttpFilterFactory",

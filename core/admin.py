@@ -41,6 +41,9 @@ class AdminServer(Protocol):
     state: str
     healthcheck_failed: bool
     pid: int
+    #: Optional: ``outrider.sinks.AdminEndpoint``s that extensions (stats
+    #: sinks) serve, such as the prometheus sink's /stats/prometheus.
+    admin_endpoints: list[Any]
 
     def request_shutdown(self) -> None: ...
 
@@ -96,7 +99,7 @@ def _effective_state(server: AdminServer) -> str:
 
 
 async def _index(request: web.Request) -> web.Response:
-    return _text(f"outrider admin\n\n{_endpoint_list()}")
+    return _text(f"outrider admin\n\n{_endpoint_list(_server(request))}")
 
 
 async def _ready(request: web.Request) -> web.Response:
@@ -111,17 +114,94 @@ async def _stats(request: web.Request) -> web.Response:
     except re.error as exc:
         raise web.HTTPBadRequest(text=f"invalid regex in filter {pattern!r}: {exc}\n") from None
     used_only = "usedonly" in request.query
+    store = _server(request).stats
     # Take (name, value) pairs once so both output forms show the same snapshot.
     stats = [
         (s.name, s.value)
-        for s in _server(request).stats
+        for s in store
         if (regex is None or regex.search(s.name)) and (not used_only or s.value)
+    ]
+    histograms = [
+        (h.name, h.cumulative(), h.interval())
+        for h in (store.histograms() if hasattr(store, "histograms") else ())
+        if (regex is None or regex.search(h.name)) and (not used_only or h.used)
     ]
     return _formatted(
         request,
-        lambda: _lines(f"{name}: {value}" for name, value in stats),
-        lambda: {"stats": [{"name": name, "value": value} for name, value in stats]},
+        lambda: _lines(f"{name}: {value}" for name, value in stats) + _histograms_text(histograms),
+        lambda: {"stats": [{"name": name, "value": value} for name, value in stats] + _histograms_json(histograms)},
     )
+
+
+# Histograms as Envoy shows them: after the counters and gauges, one line per
+# histogram with each quantile as (last closed interval, cumulative), or
+# "No recorded values"; in JSON, one last element of "stats".
+
+
+def _quantile_pairs(cumulative: Any, interval: Any) -> list[tuple[float | None, float | None]]:
+    from .stats import SUPPORTED_QUANTILES
+
+    def values(stats: Any) -> list[float | None]:
+        if stats is None or not stats.count:
+            return [None] * len(SUPPORTED_QUANTILES)
+        return list(stats.quantiles(SUPPORTED_QUANTILES))
+
+    return list(zip(values(interval), values(cumulative)))
+
+
+def _number(value: float | None) -> str:
+    return "nan" if value is None else f"{value:.6g}"
+
+
+def _histograms_text(histograms: list[tuple[str, Any, Any]]) -> str:
+    from .stats import SUPPORTED_QUANTILES
+
+    lines = []
+    for name, cumulative, interval in histograms:
+        if not cumulative.count:
+            lines.append(f"{name}: No recorded values")
+            continue
+        pairs = _quantile_pairs(cumulative, interval)
+        lines.append(f"{name}: " + " ".join(
+            f"P{q:g}({_number(i)},{_number(c)})" for q, (i, c) in zip(SUPPORTED_QUANTILES, pairs)
+        ))
+    return _lines(lines)
+
+
+def _histograms_json(histograms: list[tuple[str, Any, Any]]) -> list[dict[str, Any]]:
+    from .stats import SUPPORTED_QUANTILES
+
+    if not histograms:
+        return []
+    return [{"histograms": {
+        "supported_quantiles": list(SUPPORTED_QUANTILES),
+        "computed_quantiles": [
+            {
+                "name": name,
+                "values": [{"interval": i, "cumulative": c} for i, c in _quantile_pairs(cumulative, interval)],
+            }
+            for name, cumulative, interval in histograms
+        ],
+    }}]
+
+
+# -- endpoints served by extensions (stats sinks) -------------------------------
+
+
+def _extension_endpoints(server: Any) -> list[Any]:
+    return list(getattr(server, "admin_endpoints", ()) or ())
+
+
+def _extension_handler(endpoint: Any) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        try:
+            status, content_type, body = endpoint.handler(request.query)
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=f"{exc}\n") from None
+        data = body.encode("utf-8") if isinstance(body, str) else body
+        return web.Response(body=data, status=status, headers={"Content-Type": content_type})
+
+    return handle
 
 
 def _health_flags(host: Any) -> str:
@@ -252,6 +332,93 @@ async def _extensions(request: web.Request) -> web.Response:
     )
 
 
+# -- /route: explain a routing decision ------------------------------------------
+
+_ROUTE_PARAMS = ("authority", "path", "method", "scheme", "header", "listener")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _bad_request(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=f"/route: {message}\n")
+
+
+def _route_param(query: Any, name: str, default: str | None = None) -> str | None:
+    values = query.getall(name, [])
+    if len(values) > 1:
+        raise _bad_request(f"parameter {name!r} given {len(values)} times; give it once")
+    return values[0] if values else default
+
+
+def _route_listener(server: AdminServer, name: str | None) -> Any:
+    http = [ls for ls in server.listeners if getattr(ls, "http", None) is not None]
+    names = ", ".join(ls.name for ls in http) or "none"
+    if name is None:
+        if not http:
+            raise _bad_request("no HTTP listener is configured, so there is no route table to explain")
+        return http[0]
+    for ls in http:
+        if ls.name == name:
+            return ls
+    if any(ls.name == name for ls in server.listeners):
+        raise _bad_request(f"listener {name!r} is not an HTTP listener (HTTP listeners: {names})")
+    raise _bad_request(f"no listener named {name!r} (HTTP listeners: {names})")
+
+
+def _route_request(query: Any) -> Any:
+    """The RequestHead that the query describes (400 for anything malformed)."""
+    from .http.message import Headers, RequestHead
+
+    unknown = sorted(set(query) - set(_ROUTE_PARAMS))
+    if unknown:
+        raise _bad_request(
+            f"unknown parameter {unknown[0]!r}; the parameters are authority, path, method (default GET), "
+            "scheme (http or https, default http), header=NAME:VALUE (repeatable) and listener=NAME"
+        )
+    authority = _route_param(query, "authority")
+    if not authority:
+        raise _bad_request("give the request's authority (its Host), e.g. authority=api.example.com")
+    if any(c.isspace() or not c.isprintable() or c in "/?#@" for c in authority):
+        raise _bad_request(f"authority {authority!r} is not a host or host:port")
+    path = _route_param(query, "path")
+    if not path:
+        raise _bad_request("give the request's path, e.g. path=/v1/users (URL-encode a query: path=%2Fv1%3Fa%3D1)")
+    if not path.startswith("/") or any(c.isspace() or not c.isprintable() for c in path):
+        raise _bad_request(f"path {path!r} must start with '/' and hold no spaces or control characters")
+    method = _route_param(query, "method", "GET")
+    if not method or not _TOKEN.fullmatch(method):
+        raise _bad_request(f"method {method!r} is not an HTTP method token")
+    scheme = _route_param(query, "scheme", "http")
+    if scheme not in ("http", "https"):
+        raise _bad_request(f"scheme {scheme!r}: use http or https")
+    headers = Headers()
+    for item in query.getall("header", []):
+        if item.startswith(":"):
+            raise _bad_request(f"header {item!r}: give pseudo-headers with the method, authority, path and scheme parameters")
+        name, sep, value = item.partition(":")
+        name, value = name.strip().lower(), value.strip()
+        if not sep or not name:
+            raise _bad_request(f"header {item!r}: write header=NAME:VALUE, e.g. header=x-canary:1")
+        if not _TOKEN.fullmatch(name):
+            raise _bad_request(f"header {item!r}: {name!r} is not a valid header name")
+        if name == "host":
+            raise _bad_request("give the Host with the authority parameter, not as a header")
+        if any(c in "\r\n\0" for c in value):
+            raise _bad_request(f"header {item!r}: the value holds a control character")
+        headers.append((name, value))
+    return RequestHead(method, path, authority, headers, scheme=scheme)
+
+
+async def _route(request: web.Request) -> web.Response:
+    """Which virtual host, route and action a request would get, and why the
+    earlier routes did not match; nothing is sent upstream."""
+    from .http.explain import explain_route
+
+    server = _server(request)
+    head = _route_request(request.query)
+    listener = _route_listener(server, _route_param(request.query, "listener"))
+    return _json({"listener": listener.name, **explain_route(listener.http.route_table, head)})
+
+
 # -- mutating endpoints (POST only) ---------------------------------------------
 
 
@@ -287,14 +454,24 @@ ENDPOINTS: tuple[tuple[str, str, Handler, str], ...] = (
     ("GET", "/server_info", _server_info, "version, state, uptime, pid"),
     ("GET", "/listeners", _listeners, "listeners and their bound addresses; ?format=json"),
     ("GET", "/extensions", _extensions, "installed extensions, as JSON"),
+    ("GET", "/route", _route, "explain routing: ?authority=H&path=P[&method=M&header=N:V&listener=L]"),
     ("POST", "/healthcheck/fail", _healthcheck_fail, "fail the health check (/ready answers 503)"),
     ("POST", "/healthcheck/ok", _healthcheck_ok, "undo /healthcheck/fail"),
     ("POST", "/quitquitquit", _quitquitquit, "shut the server down gracefully"),
 )
 
 
-def _endpoint_list() -> str:
-    return _lines(f"  {method:<4} {path:<18} {doc}" for method, path, _, doc in ENDPOINTS)
+def _endpoint_list(server: Any = None) -> str:
+    endpoints = [(method, path, doc) for method, path, _, doc in ENDPOINTS]
+    endpoints += [("GET", e.path, e.description) for e in _extension_endpoints(server)]
+    return _lines(f"  {method:<4} {path:<18} {doc}" for method, path, doc in endpoints)
+
+
+#: A hint for admin paths that exist only when an extension is configured.
+_NOT_CONFIGURED = {
+    "/stats/prometheus": "/stats/prometheus is served by the prometheus stats sink: add it, as in "
+    "`stats: {sinks: [prometheus]}`\n",
+}
 
 
 @web.middleware
@@ -303,7 +480,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPNotFound:
-        return _text(f"no admin endpoint at {request.path}; the endpoints are:\n{_endpoint_list()}", status=404)
+        hint = _NOT_CONFIGURED.get(request.path, "")
+        listing = _endpoint_list(request.app[SERVER_KEY])
+        return _text(f"no admin endpoint at {request.path}; {hint}the endpoints are:\n{listing}", status=404)
     except web.HTTPException:
         raise  # 400s from handlers, aiohttp's 405
     except Exception:
@@ -323,6 +502,8 @@ def build_admin_app(server: AdminServer) -> web.Application:
             app.router.add_get(path, handler)  # also answers HEAD, which some probes send
         else:
             app.router.add_route(method, path, handler)
+    for endpoint in _extension_endpoints(server):
+        app.router.add_get(endpoint.path, _extension_handler(endpoint))
     return app
 
 

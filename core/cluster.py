@@ -57,6 +57,7 @@ class ClusterStats(StatsGroup):
         "membership_healthy",
         "membership_total",
     )
+    HISTOGRAMS = ("upstream_rq_time",)
 
     def __init__(self, scope: Any) -> None:
         super().__init__(scope)

@@ -3,7 +3,9 @@
 Extensions are discovered through the ``outrider`` entry-point group and loaded
 by pluggy. pluggy is used only for discovery, registration and lifecycle events;
 the per-request path never calls a hook. At config time each chain is built once
-into plain objects whose methods the data path calls directly.
+into plain objects whose methods the data path calls directly. What each
+category's factory is called with and must return is in CONTRIBUTING.md; the
+stats sink contract (``start``/``flush``/``stop``) is in ``outrider.sinks``.
 
 A minimal plugin module::
 

@@ -30,6 +30,15 @@ class ListenerStats(StatsGroup):
 class Listener:
     """One configured listener."""
 
+    #: An ``http`` listener's HttpConnectionManager (set by the server).
+    http: Any = None
+    #: Another protocol's handler (what its extension's factory returned).
+    handler: Any = None
+    #: The listener's access logs, for a protocol that declares
+    #: ``supports_access_log``: it calls ``listener.access_log(session)`` once
+    #: per finished connection (``None`` when none is configured).
+    access_log: Any = None
+
     def __init__(
         self,
         config: dict[str, Any],

@@ -10,12 +10,14 @@ import time
 from typing import Any
 
 from . import __version__
+from .access_log import AccessLogs, build_access_logs
 from .cluster import ClusterManager
 from .context import BuildContext
 from .http.conn_manager import HttpConnectionManager
 from .listener import Listener
 from .registry import Registry
-from .stats import StatsGroup, StatsStore
+from .sinks import SinkRunner, build_sinks
+from .stats import StatsGroup, StatsStore, TagExtractor
 
 log = logging.getLogger("outrider.server")
 
@@ -25,7 +27,28 @@ DRAIN_TIMEOUT = 5.0
 class ServerStats(StatsGroup):
     """``server.*``"""
 
-    GAUGES = ("live", "uptime", "concurrency")
+    GAUGES = ("live", "uptime", "concurrency", "memory_allocated")
+
+
+#: How often histograms close the interval the admin's /stats shows (Envoy's
+#: default stats flush interval). Sinks flush on their own flush_interval.
+HISTOGRAM_INTERVAL = 5.0
+
+
+def memory_allocated() -> int:
+    """The process's resident memory in bytes (``server.memory_allocated``):
+    Python has no allocator counter as cheap as Envoy's tcmalloc one, so this
+    is the resident set size from /proc/self/statm (the peak RSS where there
+    is no /proc)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 #: Settings the config schema describes (they are the documented shape) but
@@ -36,12 +59,9 @@ _OFF = (None, [], {}, False, 0)
 UNSUPPORTED: tuple[tuple[tuple[str, ...], str, tuple], ...] = (
     (("workers",), "more than one worker process", (1, None)),
     (("admin", "access_log_path"), "admin access logs", _OFF),
-    (("stats", "sinks"), "stats sinks", _OFF),
     (("tracing",), "tracing", _OFF),
     (("listeners", "*", "tls"), "TLS on listeners", _OFF),
     (("listeners", "*", "network_filters"), "network filters", _OFF),
-    (("listeners", "*", "access_log"), "access logs", _OFF),
-    (("listeners", "*", "http", "debug"), "the debug header", _OFF),
     (("listeners", "*", "http", "virtual_hosts", "*", "routes", "*", "route", "idle_timeout"), "route idle timeouts", _OFF),
     (("clusters", "*", "tls"), "TLS to upstreams", _OFF),
     (("clusters", "*", "discovery"), "DNS discovery", _OFF + ("static",)),
@@ -73,6 +93,12 @@ class Server:
         self._admin_runner: Any = None
         self._stopped: asyncio.Event | None = None
         self._server_stats = None
+        self.sinks: list[SinkRunner] = []
+        #: Every listener's ``access_log:`` entries (reopened on SIGUSR1, closed on stop).
+        self.access_logs: list[AccessLogs] = []
+        #: GET endpoints extensions (stats sinks) serve on the admin interface.
+        self.admin_endpoints: list[Any] = []
+        self._histograms_latched = 0.0
 
     @property
     def hook(self) -> Any:
@@ -87,7 +113,12 @@ class Server:
         self.cluster_manager = cluster_manager
         self.clusters = cluster_manager.clusters
         for lconf in self.config.get("listeners", []):
-            self.listeners.append(self._build_listener(lconf, ctx))
+            listener = self._build_listener(lconf, ctx)
+            self._attach_access_logs(listener, lconf, ctx)
+            self.listeners.append(listener)
+        self.stats.tag_extractor = TagExtractor.for_config(self.config)
+        self.sinks = build_sinks(self.config.get("stats", {}).get("sinks", ()), ctx)
+        self.admin_endpoints = [e for sink in self.sinks for e in sink.admin_endpoints()]
 
     def build_or_raise(self) -> None:
         """``build``, with an extension's refusal reported as a StartupError."""
@@ -105,19 +136,49 @@ class Server:
                 buffer_limit=lconf.get("per_connection_buffer_limit", 1024 * 1024),
             )
             codec = self._http_codec(lconf["http"].get("codec", "auto"), ctx)
-            return Listener(lconf, "http", lambda listener: codec.server_protocol_factory(hcm, listener), self.stats)
+            listener = Listener(lconf, "http", lambda listener: codec.server_protocol_factory(hcm, listener), self.stats)
+            listener.http = hcm  # the admin's /route explains its route table
+            return listener
         for key in self.registry.listener_protocols():
             if key in lconf:
                 ext = self.registry.listener_protocol(key)
                 assert ext is not None
                 handler = ext.factory(lconf[key] or {}, ctx.for_extension(ext))
-                return Listener(lconf, key, handler.protocol_factory, self.stats)
+                listener = Listener(lconf, key, handler.protocol_factory, self.stats)
+                listener.handler = handler
+                return listener
         raise StartupError(f"listener {lconf['name']!r}: no protocol block this installation can serve")
 
     def _http_codec(self, name: str, ctx: BuildContext) -> Any:
         # "auto" picks HTTP/1.1 today; HTTP/2 prior-knowledge sniffing joins
         # it when an http2 codec is installed.
         return http_codec(self.registry, "http1" if name == "auto" else name, ctx)
+
+    def _attach_access_logs(self, listener: Listener, lconf: dict[str, Any], ctx: BuildContext) -> None:
+        """Build the listener's ``access_log:`` entries and hand them to its
+        protocol: the HTTP connection manager calls them once per finished
+        stream; a listener protocol that declares ``supports_access_log``
+        calls ``listener.access_log(session)`` once per connection."""
+        refs = lconf.get("access_log") or []
+        if not refs:
+            return
+        access_logs = build_access_logs(refs, ctx)
+        if listener.http is not None:
+            listener.http.stream_observers.append(access_logs.observe)
+        elif getattr(listener.handler, "supports_access_log", False):
+            listener.access_log = access_logs.observe
+        else:
+            raise StartupError(
+                f"listener {listener.name!r}: its protocol ({listener.protocol}) does not write access logs; "
+                "remove its access_log setting"
+            )
+        self.access_logs.append(access_logs)
+
+    def reopen_access_logs(self) -> None:
+        """SIGUSR1: reopen access log files (after logrotate moved them)."""
+        log.info("reopening access logs")
+        for access_logs in self.access_logs:
+            access_logs.reopen()
 
     # -- running ---------------------------------------------------------------
 
@@ -139,7 +200,10 @@ class Server:
         self.state = "LIVE"
         self._server_stats.live.value = 1
         self._server_stats.concurrency.value = 1
+        self._histograms_latched = time.monotonic()
         self._tick()
+        for sink in self.sinks:
+            sink.start()
         admin_host = self.config["admin"]["host"]
         admin = f"[{admin_host.strip('[]')}]" if ":" in admin_host else admin_host
         log.info("outrider %s live (config %s); admin on %s:%d", self.version, self.config_source, admin, bound_port(self._admin_runner))
@@ -157,6 +221,8 @@ class Server:
         await self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_shutdown)
+        if hasattr(signal, "SIGUSR1"):
+            loop.add_signal_handler(signal.SIGUSR1, self.reopen_access_logs)
         assert self._stopped is not None
         await self._stopped.wait()
         await self.stop()
@@ -169,6 +235,10 @@ class Server:
         await asyncio.gather(*(listener.drain(drain_timeout) for listener in self.listeners))
         await self._close_listeners()
         self.cluster_manager.close()
+        for access_logs in self.access_logs:
+            access_logs.close()  # after the drain: the last streams are logged
+        for sink in self.sinks:
+            sink.stop()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         if self.hook:
@@ -186,6 +256,10 @@ class Server:
         # Once a second is plenty for slow-moving server gauges.
         if self._server_stats is not None and self.state != "DRAINING":
             self._server_stats.uptime.value = int(self.uptime())
+            self._server_stats.memory_allocated.value = memory_allocated()
+            if time.monotonic() - self._histograms_latched >= HISTOGRAM_INTERVAL:
+                self._histograms_latched = time.monotonic()
+                self.stats.latch_histograms()
             asyncio.get_running_loop().call_later(1.0, self._tick)
 
 

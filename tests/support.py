@@ -90,7 +90,8 @@ class ProxyProcess:
     def stats(self) -> dict[str, int]:
         status, body = http_get(f"{self.admin}/stats?format=json")
         assert status == 200, body
-        return {s["name"]: s["value"] for s in json.loads(body)["stats"]}
+        # Counters and gauges; Envoy's last element {"histograms": ...} is not one.
+        return {s["name"]: s["value"] for s in json.loads(body)["stats"] if "name" in s}
 
     def stat(self, name: str) -> int:
         return self.stats().get(name, 0)

@@ -83,6 +83,8 @@ class Document:
     key_positions: dict[Path, Position] = field(default_factory=dict)
     #: Paths of strings whose ``${VAR}`` could not be substituted.
     unresolved: set[Path] = field(default_factory=set)
+    #: The source text (to point inside a scalar, see :meth:`token_position`).
+    text: str = ""
 
     def position(self, path: Iterable[str | int]) -> Position:
         """Where the value at ``path`` is; a path the file does not contain
@@ -98,8 +100,26 @@ class Document:
         path = tuple(path)
         return self.key_positions.get(path) or self.position(path)
 
-    def error(self, path: Path, message: str, at_key: bool = False) -> ConfigError:
-        line, column = self.key_position(path) if at_key else self.position(path)
+    def token_position(self, path: Iterable[str | int], token: str) -> Position:
+        """Where ``token`` first appears in the source from the start of the
+        value at ``path`` on (within the next few lines): an error inside a
+        string (a bad operator in a format string) then points at the bad
+        part itself. Falls back to the value's position."""
+        line, column = self.position(path)
+        if token and self.text:
+            lines = self.text.split("\n")
+            for index in range(line - 1, min(line + 19, len(lines))):
+                start = column - 1 if index == line - 1 else 0
+                found = lines[index].find(token, start)
+                if found >= 0:
+                    return index + 1, found + 1
+        return line, column
+
+    def error(self, path: Path, message: str, at_key: bool = False, token: str | None = None) -> ConfigError:
+        if token:
+            line, column = self.token_position(path, token)
+        else:
+            line, column = self.key_position(path) if at_key else self.position(path)
         return ConfigError(self.source, line, column, format_path(path), message)
 
 
@@ -154,6 +174,7 @@ def parse_yaml(
     if isinstance(raw, (CommentedMap, CommentedSeq)) and raw.lc.line is not None:
         converter.doc.value_positions[()] = (raw.lc.line + 1, raw.lc.col + 1)
     converter.doc.data = converter.convert(raw, (), set())
+    converter.doc.text = text
     return converter.doc, converter.errors
 
 

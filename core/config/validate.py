@@ -56,6 +56,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import SchemaError, ValidationError
 from jsonschema.validators import validator_for
 
+from ..access_log import check_format as check_access_log_format
 from ..registry import Extension, Registry
 from .loader import ConfigError, ConfigInvalid, Document, Path, format_path, parse_yaml
 from .units import parse_address, parse_duration
@@ -97,10 +98,13 @@ def _check_cidr(value: object) -> bool:
 
 #: The format checker used for the core schema and every extension schema:
 #: jsonschema's standard formats plus ``duration``, ``address``, ``cidr``,
-#: and a ``regex`` that reports Python's own error.
+#: a ``regex`` that reports Python's own error, and ``access_log_format``
+#: (outrider.access_log: its error names the bad operator, which the
+#: report points at inside the string).
 FORMAT_CHECKER = FormatChecker()
 for _name, _check in (("duration", _check_duration), ("address", _check_address),
-                      ("regex", _check_regex), ("cidr", _check_cidr)):
+                      ("regex", _check_regex), ("cidr", _check_cidr),
+                      ("access_log_format", check_access_log_format)):
     FORMAT_CHECKER.checks(_name, raises=ValueError)(_check)
 
 
@@ -241,7 +245,8 @@ def _exclusive_keys(branches: Any) -> tuple[list[str], bool] | None:
     return keys, none_allowed
 
 
-#: (path, message, at_key): at_key points the error at the mapping key.
+#: (path, message, at_key): at_key points the error at the mapping key. A
+#: fourth item, when present, is the text inside the value to point at.
 _Problem = tuple[Path, str, bool]
 
 
@@ -279,6 +284,11 @@ class _Explainer:
             return [(path, f"expected {expected!r}, got {_describe_value(instance)}", False)]
         if keyword == "format":
             cause = str(error.cause) if error.cause else f"expected a valid {expected}, got {_describe_value(instance)}"
+            # A cause that names the bad part of a string (an access log
+            # format's operator) is pointed at inside the string.
+            token = getattr(error.cause, "token", None)
+            if isinstance(token, str) and token:
+                return [(path, cause, False, token)]  # type: ignore[list-item]
             return [(path, cause, False)]
         return [(path, self._bound_message(keyword, expected, instance, error), False)]
 
@@ -430,8 +440,8 @@ class _Checker:
         self.check_unsupported()
         return self.errors
 
-    def report(self, path: Path, message: str, at_key: bool = False) -> None:
-        self.errors.append(self.doc.error(path, message, at_key))
+    def report(self, path: Path, message: str, at_key: bool = False, token: str | None = None) -> None:
+        self.errors.append(self.doc.error(path, message, at_key, token))
 
     def check_unsupported(self) -> None:
         for pattern, feature, fine in self.unsupported:

@@ -62,6 +62,7 @@ class HttpStats(StatsGroup):
         "rq_redirect",
     )
     GAUGES = ("downstream_cx_active", "downstream_rq_active")
+    HISTOGRAMS = ("downstream_rq_time",)
 
     def __init__(self, scope: Any) -> None:
         super().__init__(scope)
@@ -160,6 +161,14 @@ class HttpConnectionManager:
         # The terminal filter ends the chain: its STOP holds nothing back.
         self.terminal_index = len(classes) - 1
         self.stream_observers: list[Callable[["ActiveStream"], None]] = []
+        #: The ``debug:`` block, compiled; ``None`` (the default) costs nothing
+        #: per request. With one, new_stream looks for the debug header.
+        self.debug: Any = None
+        if config.get("debug"):
+            from .debug import DebugPolicy
+
+            self.debug = DebugPolicy(config["debug"], self)
+            self.new_stream = self.debug.new_stream  # type: ignore[method-assign]
 
     def new_stream(self, connection: Any, request: RequestHead) -> "ActiveStream":
         return ActiveStream(self, connection, request)
@@ -180,6 +189,13 @@ class ActiveStream:
     response_code_details = ""
     bytes_received = 0
     bytes_sent = 0
+    #: Access log timings (``time.monotonic()``; 0.0: not yet / never): the
+    #: last request byte, and the upstream response head (set by the router).
+    request_end_time = 0.0
+    upstream_first_byte_time = 0.0
+    response_trailers: Headers | None = None
+    #: Set by a filter that recognised a health check (access log filters).
+    is_health_check = False
     request_complete = False
     response_started = False
     response_complete = False
@@ -194,6 +210,10 @@ class ActiveStream:
     _watermark_listeners: tuple[Any, ...] = ()
     _request_timer: Timeout | None = None
     _state: dict[str, Any] | None = None
+    #: A ``DebugInfo`` when this request asked for the debug header and may
+    #: have it (see core/http/debug.py); the terminal filter records its
+    #: upstream timings there.
+    debug: Any = None
 
     def __init__(self, hcm: HttpConnectionManager, connection: Any, request: RequestHead) -> None:
         self.hcm = hcm
@@ -245,6 +265,7 @@ class ActiveStream:
         self.route = hcm.route_table.route(request)
         if end_stream:
             self.request_complete = True
+            self.request_end_time = self.start_time
         elif hcm.request_timeouts is not None:
             self._request_timer = hcm.request_timeouts.add(self._on_request_timeout)
         self._decode(_HEADERS, 0, request, end_stream)
@@ -256,6 +277,7 @@ class ActiveStream:
         self.bytes_received += len(chunk)
         if end_stream:
             self.request_complete = True
+            self.request_end_time = time.monotonic()
             self._cancel_request_timer()
         if self._req_stopped is not None:
             self._queue_request(_BODY, chunk, end_stream)
@@ -264,6 +286,7 @@ class ActiveStream:
 
     def decode_trailers(self, trailers: Headers) -> None:
         self.request_complete = True
+        self.request_end_time = time.monotonic()
         self._cancel_request_timer()
         if self._req_stopped is not None:
             self._queue_request(_TRAILERS, trailers, True)
@@ -410,6 +433,7 @@ class ActiveStream:
             self.bytes_sent += len(payload)
             connection.encode_body(self, payload, end_stream)
         else:
+            self.response_trailers = payload
             connection.encode_trailers(self, payload)
             end_stream = True
         if end_stream:
@@ -519,6 +543,7 @@ class ActiveStream:
         self.response_complete = True
         stats = self.hcm.stats
         stats.downstream_rq_completed.value += 1
+        stats.downstream_rq_time.record((time.monotonic() - self.start_time) * 1000.0)
         response = self.response
         if response is not None:
             status = response.status

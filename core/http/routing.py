@@ -34,6 +34,14 @@ def _header_value(request: RequestHead, name: str) -> str | None:
     return ",".join(values) if values else None
 
 
+def _describe_matcher(spec: dict[str, Any]) -> str:
+    """What a matcher spec wants, in words (for explanations, not the hot path)."""
+    for key in ("exact", "prefix", "suffix", "contains", "safe_regex"):
+        if key in spec:
+            return f"{key} {spec[key]!r}"
+    return "present" if spec.get("present", True) else "absent"
+
+
 def _value_matcher(spec: dict[str, Any]) -> Callable[[str | None], bool]:
     """A predicate over one (possibly absent) value, from a matcher spec."""
     if "exact" in spec:
@@ -59,12 +67,13 @@ def _value_matcher(spec: dict[str, Any]) -> Callable[[str | None], bool]:
 
 
 class HeaderMatcher:
-    __slots__ = ("name", "test", "invert")
+    __slots__ = ("name", "test", "invert", "wanted")
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.name = spec["name"].lower()
         self.test = _value_matcher(spec)
         self.invert = bool(spec.get("invert_match", False))
+        self.wanted = ("not " if self.invert else "") + _describe_matcher(spec)
 
     def matches(self, request: RequestHead) -> bool:
         return self.test(_header_value(request, self.name)) != self.invert
@@ -72,16 +81,28 @@ class HeaderMatcher:
     def explain(self) -> str:
         return f"header {self.name!r}"
 
+    def why_not(self, request: RequestHead) -> str:
+        """Why this matcher rejects ``request`` (call it only when it does)."""
+        return f"header matcher on {self.name!r} does not match: wanted {self.wanted}, got {_seen(_header_value(request, self.name), 'header')}"
+
 
 class QueryMatcher:
-    __slots__ = ("name", "test")
+    __slots__ = ("name", "test", "wanted")
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.name = spec["name"]
         self.test = _value_matcher(spec)
+        self.wanted = _describe_matcher(spec)
 
     def matches(self, query: dict[str, str]) -> bool:
         return self.test(query.get(self.name))
+
+    def why_not(self, query: dict[str, str]) -> str:
+        return f"query parameter matcher on {self.name!r} does not match: wanted {self.wanted}, got {_seen(query.get(self.name), 'parameter')}"
+
+
+def _seen(value: str | None, what: str) -> str:
+    return f"no such {what}" if value is None else repr(value)
 
 
 class HeaderOps:
@@ -236,15 +257,18 @@ class Route:
         """Why this route does not match ``request`` (``None`` if it does)."""
         if not self.path_matches(request.path):
             what = ("prefix", "path", "safe_regex")[self.kind]
-            return f"{what} {self.match_spec[what]!r} does not match path {request.path!r}"
+            # A prefix sees the whole path; path and safe_regex the part before '?'.
+            seen = request.path if self.kind == _PREFIX else request.path.partition("?")[0]
+            case = "" if self.case_sensitive else " (ignoring case)"
+            return f"{what} {self.match_spec[what]!r} does not match path {seen!r}{case}"
         for matcher in self.header_matchers:
             if not matcher.matches(request):
-                return f"header matcher on {matcher.name!r} does not match"
+                return matcher.why_not(request)
         if self.query_matchers:
             query = dict(parse_qsl(request.path.partition("?")[2], keep_blank_values=True))
             for qm in self.query_matchers:
                 if not qm.matches(query):
-                    return f"query parameter matcher on {qm.name!r} does not match"
+                    return qm.why_not(query)
         return None
 
     def pick_cluster(self) -> str:
@@ -315,16 +339,26 @@ class RouteTable:
         return vhost
 
     def _find_virtual_host(self, host: str) -> VirtualHost | None:
+        return self.match_virtual_host(host)[0]
+
+    def match_virtual_host(self, authority: str) -> tuple[VirtualHost | None, str, str]:
+        """``(virtual host, how, domain)``: the virtual host ``authority``
+        selects, how its domain matched (``exact``, ``suffix`` for
+        ``*.example.com``, ``prefix`` for ``api.*``, ``wildcard`` for ``*``;
+        ``none`` when nothing does) and that domain as configured."""
+        host = authority.lower()
         vhost = self._exact.get(host)
         if vhost is not None:
-            return vhost
+            return vhost, "exact", host
         for suffix, vh in self._suffixes:
             if host.endswith(suffix) and len(host) > len(suffix):
-                return vh
+                return vh, "suffix", "*" + suffix
         for prefix, vh in self._prefixes:
             if host.startswith(prefix) and len(host) > len(prefix):
-                return vh
-        return self._default
+                return vh, "prefix", prefix + "*"
+        if self._default is not None:
+            return self._default, "wildcard", "*"
+        return None, "none", ""
 
     def route(self, request: RequestHead) -> Route | None:
         vhost = self.virtual_host(request.authority)

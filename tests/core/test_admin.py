@@ -79,6 +79,8 @@ def request(port: int, path: str, sock: socket.socket | None = None) -> tuple[in
 def parse_stats_text(body: str) -> dict[str, int]:
     stats = {}
     for line in body.splitlines():
+        if re.search(r": (P0\(|No recorded values$)", line):
+            continue  # a histogram (Envoy lists them after the counters and gauges)
         name, sep, value = line.rpartition(": ")
         assert sep and re.fullmatch(r"-?\d+", value), f"not a `name: value` line: {line!r}"
         assert name not in stats, f"{name} listed twice"

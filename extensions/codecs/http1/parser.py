@@ -8,11 +8,16 @@ and the next hop: lines end in CRLF, framing headers are exact, and every
 violation is a :class:`ParseError` carrying the status the proxy answers and a
 short reason code for stats and logs.
 
-Speed comes from doing per-message work in C: the end of a head is found with
-one ``bytes.find`` that never rescans, the head is decoded once (latin-1, so
-every byte round-trips), one ``bytes.translate`` rejects control characters
-and bare CR/LF across the whole head, lines are split once, and validated
-header names are remembered in a small bounded dict. Body bytes are handed out
+Speed comes from doing per-message work in C, and from not redoing the work
+for lines seen before: the end of a head is found with one ``bytes.find``
+that never rescans, the head is decoded once (latin-1, so every byte
+round-trips) and split once, and each header line is looked up whole in a
+bounded dict of lines already parsed and checked, so that a recurring line
+(most are: same clients, same upstreams) costs one lookup. Only a line seen
+for the first time is split, trimmed and checked for control characters and
+bare CR/LF; status lines are cached the same way. A whole-head
+``bytes.translate`` runs on the error path only, so that a bad character
+stays the error reported whatever else is wrong. Body bytes are handed out
 as slices of what was fed (the whole fed object when it is all body), never
 accumulated.
 
@@ -21,14 +26,15 @@ handler methods; a slow 2-vCPU Xeon where a bare ``bytes.find`` over a
 250-byte head already costs ~0.15 us):
 
 * a typical GET (request line + 6 headers, 250 bytes), one ``feed``:
-  ~3.9 us on a kept-alive parser, ~4.2 us including creating the parser;
+  ~2.5 us on a kept-alive parser, ~2.9 us including creating the parser;
 * a 200 response with 5 headers and a 13-byte content-length body, from
-  ``expect`` to ``on_message_complete``: ~4.0 us (~4.7 us with a new parser);
-* ``serialize_request_head`` of that GET: ~1.1 us.
+  ``expect`` to ``on_message_complete``: ~2.5 us (~3.0 us with a new parser);
+* ``serialize_request_head`` of that GET: ~1.0 us.
 
-About 1.4 us of a GET is the per-header loop (partition, cached name, trim,
-append: ~0.2 us a line); the rest is split across finding, decoding, checking
-and splitting the head (~0.7 us) and the request line and framing (~0.8 us).
+About 0.6 us of that GET is the header loop with every line cached (~0.08 us
+a line); a line not seen before costs ~0.3 us more. The rest is split
+between finding, decoding and splitting the head in the run loop (~1 us) and
+the request line, framing, the head object and the callbacks (~0.9 us).
 """
 
 from __future__ import annotations
@@ -107,6 +113,9 @@ _HOST = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:\[\]%]*")
 # them leaves only control characters, so a clean head translates to exactly
 # its CRLF separators (any extra byte is a CTL, a bare CR or a bare LF).
 _FIELD_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
+# Control characters a field value (or reason phrase) must not hold; searched
+# only when ``str.isprintable`` has failed, which HTAB and obs-text also fail.
+_VALUE_CTL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 # The first offending character of a head, for the error path only.
 _BAD_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
 # The same, over an unterminated head, so that a client that ends lines with
@@ -154,6 +163,30 @@ _RESPONSE_SPECIAL = frozenset(("content-length", "transfer-encoding", "connectio
 # Framing and routing fields must not arrive late, in trailers, where a
 # next hop that merges trailers into headers would act on them.
 _FORBIDDEN_TRAILERS = frozenset(("content-length", "transfer-encoding", "host"))
+# Every name that is special to some block: _REQUEST_SPECIAL covers the others.
+_ANY_SPECIAL = _REQUEST_SPECIAL | _RESPONSE_SPECIAL | _FORBIDDEN_TRAILERS
+
+# Whole header lines as received -> their parsed (name, value). Most lines
+# recur (same clients, same upstreams), and a line seen before then costs one
+# dict lookup instead of a partition, a name check, a trim and a character
+# check; equal heads also share their field tuples. Only lines that passed
+# every check are stored, so a hit is proof that the line holds no control
+# character or bare CR/LF. Lines with a special name live in their own dict,
+# so that a hit in the main one needs no further test.
+#
+# Attackers choose these keys: each dict is emptied when full (self-healing,
+# unlike refusing new entries once full) and long lines are not kept, which
+# bounds each dict to about 2.5 MB.
+_FIELD_CACHE: dict[str, tuple[str, str]] = {}
+_SPECIAL_CACHE: dict[str, tuple[str, str]] = {}
+# The same for status lines, which come in few kinds ("200 OK"...). Request
+# lines are not cached: their targets vary too much to repay it.
+_STATUS_LINES: dict[str, tuple[str, int, str]] = {}
+_LINE_CACHE_MAX = 2048
+_CACHED_LINE_MAX = 512
+# Fields whose value is new in every message by design: storing them would
+# only churn the caches.
+_UNIQUE_NAMES = frozenset(("x-request-id", "traceparent", "x-b3-traceid", "x-b3-spanid", "x-amzn-trace-id"))
 
 _HEAD, _BODY_LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _BODY_EOF = range(7)
 
@@ -176,38 +209,64 @@ def _field_name(line: str, name: str, sep: str, status: int) -> str:
     return lname
 
 
-def _parse_fields(
-    lines: list[str], first: int, special: frozenset[str], drop: str | None, status: int
-) -> tuple[Headers, list[tuple[str, str]] | None]:
-    """Header lines ``lines[first:]`` -> (Headers, the special fields seen).
+def _new_field(line: str, status: int) -> tuple[str, str]:
+    """Parse and check a header line missing from the caches, and cache it.
 
-    Control characters and bare CR/LF were already ruled out for the whole
-    block, so a line needs only its name checked and its value trimmed.
-    Fields named in ``special`` are also returned separately so framing is
-    decided without a second pass; the one named ``drop`` (Host) is left out
-    of the Headers.
+    A control character raises a placeholder error: the caller replaces it
+    with the precise one from :func:`_check_block`.
+    """
+    name, sep, value = line.partition(":")
+    lname = _NAME_CACHE.get(name)
+    if lname is None or not sep:
+        lname = _field_name(line, name, sep, status)
+    value = value.strip(" \t")  # not strip(): NBSP (0xa0) is data here
+    if not value.isprintable() and _VALUE_CTL.search(value):
+        raise ParseError(status, "invalid_header_value", "control character")
+    field = (lname, value)
+    if len(line) <= _CACHED_LINE_MAX and lname not in _UNIQUE_NAMES:
+        cache = _SPECIAL_CACHE if lname in _ANY_SPECIAL else _FIELD_CACHE
+        if len(cache) >= _LINE_CACHE_MAX:
+            cache.clear()
+        cache[line] = field
+    return field
+
+
+def _parse_fields(
+    lines: list[str], special: frozenset[str], status: int
+) -> tuple[Headers, list[tuple[str, str]] | None]:
+    """Header lines -> (Headers, the fields named in ``special``).
+
+    Each line is checked whole, control characters included; one found in
+    ``_FIELD_CACHE`` or ``_SPECIAL_CACHE`` was checked when it was stored.
+    The heads' parsers inline this loop, with their own specials handling.
     """
     headers = Headers()
     append = headers.append
-    cached = _NAME_CACHE.get
+    cached = _FIELD_CACHE.get
     specials = None
-    it = iter(lines)
-    if first:
-        next(it)
-    for line in it:
-        name, sep, value = line.partition(":")
-        lname = cached(name)
-        if lname is None or not sep:
-            lname = _field_name(line, name, sep, status)
-        value = value.strip(" \t")  # not strip(): NBSP (0xa0) is data here
-        if lname in special:
-            if specials is None:
-                specials = []
-            specials.append((lname, value))
-            if lname == drop:
-                continue
-        append((lname, value))
+    for line in lines:
+        field = cached(line)
+        if field is None:
+            field = _SPECIAL_CACHE.get(line) or _new_field(line, status)
+            if field[0] in special:
+                if specials is None:
+                    specials = []
+                specials.append(field)
+        append(field)
     return headers, specials
+
+
+def _check_block(raw: bytes | bytearray, status: int, first_line_reason: str | None) -> None:
+    """Raise the error for the first CTL or bare CR/LF in a head or trailer
+    block, if it holds one (error path).
+
+    Blocks are checked line by line, so a parse may stop at another fault
+    first; calling this before re-raising makes a bad character win, as when
+    whole blocks were checked up front. Deleting the allowed bytes must leave
+    exactly the CRLF separators.
+    """
+    if len(raw.translate(None, _FIELD_BYTES)) != 2 * raw.count(b"\r\n"):
+        raise _char_error(raw.decode("latin-1"), status, first_line_reason) from None
 
 
 def _char_error(text: str, status: int, first_line_reason: str | None) -> ParseError:
@@ -271,6 +330,8 @@ class _Parser:
     #: Responses answer every error with 502; requests use the given status.
     _FORCE_STATUS = 0
     _IS_RESPONSE = False
+    #: The reason for a bad character in the first line of a head.
+    _FIRST_LINE = "invalid_request_line"
 
     def __init__(self, handler, *, max_header_bytes: int = 60 * 1024, max_headers: int = 100) -> None:
         self._handler = handler
@@ -362,8 +423,135 @@ class _Parser:
         return ParseError(self._FORCE_STATUS or status, reason, detail)
 
     def _process(self, buf: bytes | bytearray) -> None:
+        """Parse ``buf`` from 0 and keep what is left unparsed."""
+        pos = 0
+        n = len(buf)
+        copy = type(buf) is not bytes  # body chunks handed out must be bytes
+        handler = self._handler
         try:
-            pos = self._run(buf)
+            while pos < n and not self.paused:
+                state = self._state
+                if state == _HEAD:
+                    scanned = self._scanned
+                    if scanned == 0:
+                        if self._IS_RESPONSE:
+                            if not self._methods:  # ResponseParser's queue of expected responses
+                                raise ParseError(
+                                    502, "unexpected_response_data", "bytes from upstream with no request outstanding"
+                                )
+                        elif buf[pos] == 13:  # CR: maybe an empty line before the request line
+                            if pos + 1 >= n:
+                                break
+                            if buf[pos + 1] == 10:
+                                self._blank_lines += 1
+                                if self._blank_lines > _MAX_BLANK_LINES:
+                                    raise self._err(
+                                        400, "invalid_request_line", "too many empty lines before the request"
+                                    )
+                                pos += 2
+                                continue
+                    # Resume where the last search stopped, less 3 bytes in case
+                    # the terminator straddles two feeds.
+                    end = buf.find(b"\r\n\r\n", pos + scanned - 3 if scanned > 3 else pos)
+                    if end < 0:
+                        self._unterminated(buf, pos, n)
+                        break
+                    self._scanned = 0
+                    lines = buf[pos:end].decode("latin-1").split("\r\n")
+                    # Characters are checked line by line as the head is
+                    # parsed; see _check_block for why it runs on any error.
+                    try:
+                        if end + 4 - pos > self._max_header_bytes:
+                            self._too_large(end + 4 - pos)
+                        if len(lines) > self._max_headers + 1:
+                            self._too_many(len(lines) - 1)
+                        self._on_head(lines)
+                    except ParseError:
+                        _check_block(buf[pos:end], self._FORCE_STATUS or 400, self._FIRST_LINE)
+                        raise
+                    pos = end + 4
+                elif state == _BODY_LENGTH or state == _CHUNK_DATA:
+                    remaining = self._remaining
+                    if n - pos <= remaining:
+                        # All that is left of this buffer is body: no slicing when
+                        # the caller's whole object is body.
+                        chunk = buf[pos:] if pos else buf
+                        self._remaining = remaining - (n - pos)
+                        pos = n
+                        handler.on_body(bytes(chunk) if copy else chunk)
+                        if self._remaining:
+                            continue
+                    else:
+                        end = pos + remaining
+                        chunk = buf[pos:end]
+                        pos = end
+                        self._remaining = 0
+                        handler.on_body(bytes(chunk) if copy else chunk)
+                    if state == _CHUNK_DATA:
+                        self._state = _CHUNK_CRLF
+                    else:  # self._complete(), inlined
+                        self._state = _HEAD
+                        self._blank_lines = 0
+                        if handler.on_message_complete():
+                            self.paused = True
+                elif state == _CHUNK_SIZE:
+                    eol = buf.find(b"\r\n", pos, pos + _MAX_CHUNK_LINE + 2)
+                    if eol < 0:
+                        if n - pos > _MAX_CHUNK_LINE + 1:
+                            raise self._err(400, "invalid_chunk_size", "chunk size line too long")
+                        # No CRLF yet, so any LF is bare; a CR is fine only last.
+                        if buf.find(b"\n", pos, n) >= 0 or buf.find(b"\r", pos, n - 1) >= 0:
+                            raise self._err(400, "invalid_chunk_size", "chunk size line not ended by CRLF")
+                        break
+                    m = _CHUNK_LINE.fullmatch(buf, pos, eol)
+                    if m is None:
+                        raise self._err(
+                            400, "invalid_chunk_size", f"invalid chunk size line {bytes(buf[pos:eol][:40])!r}"
+                        )
+                    size = int(m.group(1), 16)
+                    pos = eol + 2
+                    if size:
+                        self._state = _CHUNK_DATA
+                        self._remaining = size
+                    else:
+                        self._state = _TRAILERS
+                elif state == _CHUNK_CRLF:
+                    if buf[pos] != 13 or (pos + 1 < n and buf[pos + 1] != 10):
+                        raise self._err(400, "invalid_chunk_data", "chunk data not followed by CRLF")
+                    if pos + 1 >= n:
+                        break  # keep the CR, wait for the LF
+                    pos += 2
+                    self._state = _CHUNK_SIZE
+                elif state == _TRAILERS:
+                    if self._scanned == 0 and buf[pos] == 13:
+                        if pos + 1 >= n:
+                            break
+                        if buf[pos + 1] == 10:  # no trailer section
+                            pos += 2
+                            self._complete()
+                            continue
+                    scanned = self._scanned
+                    end = buf.find(b"\r\n\r\n", pos + scanned - 3 if scanned > 3 else pos)
+                    if end < 0:
+                        self._unterminated(buf, pos, n)
+                        break
+                    self._scanned = 0
+                    lines = buf[pos:end].decode("latin-1").split("\r\n")
+                    try:
+                        if end + 4 - pos > self._max_header_bytes:
+                            self._too_large(end + 4 - pos)
+                        if len(lines) > self._max_headers:
+                            self._too_many(len(lines))
+                        self._on_trailers(lines)
+                    except ParseError:
+                        _check_block(buf[pos:end], self._FORCE_STATUS or 400, None)
+                        raise
+                    pos = end + 4
+                    self._complete()
+                else:  # _BODY_EOF: everything up to the close is body
+                    chunk = buf[pos:] if pos else buf
+                    pos = n
+                    handler.on_body(bytes(chunk) if copy else chunk)
         except ParseError as exc:
             self._error = exc
             self._buf = bytearray()
@@ -374,114 +562,11 @@ class _Parser:
         elif pos < len(buf):
             self._buf += memoryview(buf)[pos:]
 
-    def _run(self, buf: bytes | bytearray) -> int:
-        """Parse ``buf`` from 0; returns how many bytes were consumed."""
-        pos = 0
-        n = len(buf)
-        copy = type(buf) is not bytes  # body chunks handed out must be bytes
-        handler = self._handler
-        while pos < n and not self.paused:
-            state = self._state
-            if state == _HEAD:
-                if self._scanned == 0:
-                    if self._IS_RESPONSE:
-                        self._check_outstanding()
-                    elif buf[pos] == 13:  # CR: maybe an empty line before the request line
-                        if pos + 1 >= n:
-                            break
-                        if buf[pos + 1] == 10:
-                            self._blank_lines += 1
-                            if self._blank_lines > _MAX_BLANK_LINES:
-                                raise self._err(400, "invalid_request_line", "too many empty lines before the request")
-                            pos += 2
-                            continue
-                # Resume where the last search stopped, less 3 bytes in case
-                # the terminator straddles two feeds.
-                scanned = self._scanned
-                end = buf.find(b"\r\n\r\n", pos + scanned - 3 if scanned > 3 else pos)
-                if end < 0:
-                    self._unterminated(buf, pos, n)
-                    break
-                self._scanned = 0
-                self._on_head(buf, pos, end)
-                pos = end + 4
-            elif state == _BODY_LENGTH or state == _CHUNK_DATA:
-                remaining = self._remaining
-                if n - pos <= remaining:
-                    # All that is left of this buffer is body: no slicing when
-                    # the caller's whole object is body.
-                    chunk = buf[pos:] if pos else buf
-                    self._remaining = remaining - (n - pos)
-                    pos = n
-                    handler.on_body(bytes(chunk) if copy else chunk)
-                    if self._remaining:
-                        continue
-                else:
-                    end = pos + remaining
-                    chunk = buf[pos:end]
-                    pos = end
-                    self._remaining = 0
-                    handler.on_body(bytes(chunk) if copy else chunk)
-                if state == _CHUNK_DATA:
-                    self._state = _CHUNK_CRLF
-                else:
-                    self._complete()
-            elif state == _CHUNK_SIZE:
-                eol = buf.find(b"\r\n", pos, pos + _MAX_CHUNK_LINE + 2)
-                if eol < 0:
-                    if n - pos > _MAX_CHUNK_LINE + 1:
-                        raise self._err(400, "invalid_chunk_size", "chunk size line too long")
-                    # No CRLF yet, so any LF is bare; a CR is fine only last.
-                    if buf.find(b"\n", pos, n) >= 0 or buf.find(b"\r", pos, n - 1) >= 0:
-                        raise self._err(400, "invalid_chunk_size", "chunk size line not ended by CRLF")
-                    break
-                m = _CHUNK_LINE.fullmatch(buf, pos, eol)
-                if m is None:
-                    raise self._err(400, "invalid_chunk_size", f"invalid chunk size line {bytes(buf[pos:eol][:40])!r}")
-                size = int(m.group(1), 16)
-                pos = eol + 2
-                if size:
-                    self._state = _CHUNK_DATA
-                    self._remaining = size
-                else:
-                    self._state = _TRAILERS
-            elif state == _CHUNK_CRLF:
-                if buf[pos] != 13 or (pos + 1 < n and buf[pos + 1] != 10):
-                    raise self._err(400, "invalid_chunk_data", "chunk data not followed by CRLF")
-                if pos + 1 >= n:
-                    break  # keep the CR, wait for the LF
-                pos += 2
-                self._state = _CHUNK_SIZE
-            elif state == _TRAILERS:
-                if self._scanned == 0 and buf[pos] == 13:
-                    if pos + 1 >= n:
-                        break
-                    if buf[pos + 1] == 10:  # no trailer section
-                        pos += 2
-                        self._complete()
-                        continue
-                scanned = self._scanned
-                end = buf.find(b"\r\n\r\n", pos + scanned - 3 if scanned > 3 else pos)
-                if end < 0:
-                    self._unterminated(buf, pos, n)
-                    break
-                self._scanned = 0
-                self._on_trailers(buf, pos, end)
-                pos = end + 4
-                self._complete()
-            else:  # _BODY_EOF: everything up to the close is body
-                chunk = buf[pos:] if pos else buf
-                pos = n
-                handler.on_body(bytes(chunk) if copy else chunk)
-        return pos
-
     def _unterminated(self, buf: bytes | bytearray, start: int, n: int) -> None:
         """Judge the head/trailers begun at ``start`` whose CRLFCRLF has not
         arrived yet: what is already wrong, or already too large, fails now."""
         scanned = self._scanned
-        first_line = None
-        if self._state == _HEAD:
-            first_line = "invalid_status_line" if self._IS_RESPONSE else "invalid_request_line"
+        first_line = self._FIRST_LINE if self._state == _HEAD else None
         if (scanned == 0 and buf[start] == 10) or _PARTIAL_BAD.search(
             buf, start + scanned - 1 if scanned else start
         ):
@@ -494,24 +579,12 @@ class _Parser:
         what = "headers" if self._state == _HEAD else "trailers"
         raise self._err(431, f"{what}_too_large", f"{what} exceed {self._max_header_bytes} bytes ({size}+)")
 
-    def _block_lines(self, buf: bytes | bytearray, start: int, end: int, first_line: str | None) -> list[str]:
-        """Decode, check and split the block ``buf[start:end]``."""
-        raw = buf[start:end]
-        text = raw.decode("latin-1")
-        lines = text.split("\r\n")
-        if len(raw.translate(None, _FIELD_BYTES)) != 2 * len(lines) - 2:
-            raise _char_error(text, self._FORCE_STATUS or 400, first_line)
-        if end + 4 - start > self._max_header_bytes:
-            self._too_large(end + 4 - start)
-        fields = len(lines) - (first_line is not None)
-        if fields > self._max_headers:
-            what = "headers" if first_line else "trailers"
-            raise self._err(431, f"too_many_{what}", f"{fields} {what}, limit {self._max_headers}")
-        return lines
+    def _too_many(self, fields: int) -> None:
+        what = "headers" if self._state == _HEAD else "trailers"
+        raise self._err(431, f"too_many_{what}", f"{fields} {what}, limit {self._max_headers}")
 
-    def _on_trailers(self, buf: bytes | bytearray, start: int, end: int) -> None:
-        lines = self._block_lines(buf, start, end, None)
-        trailers, specials = _parse_fields(lines, 0, _FORBIDDEN_TRAILERS, None, self._FORCE_STATUS or 400)
+    def _on_trailers(self, lines: list[str]) -> None:
+        trailers, specials = _parse_fields(lines, _FORBIDDEN_TRAILERS, self._FORCE_STATUS or 400)
         if specials:
             raise self._err(400, "forbidden_trailer", f"{specials[0][0]} in trailers")
         if trailers:
@@ -523,11 +596,9 @@ class _Parser:
         if self._handler.on_message_complete():
             self.paused = True
 
-    def _on_head(self, buf: bytes | bytearray, start: int, end: int) -> None:
+    def _on_head(self, lines: list[str]) -> None:
+        """Parse a head, split into lines and checked for size."""
         raise NotImplementedError
-
-    def _check_outstanding(self) -> None:
-        pass
 
     def _finish_eof(self) -> None:
         raise NotImplementedError
@@ -555,9 +626,7 @@ class RequestParser(_Parser):
             self._error = ParseError(400, "incomplete_request", "connection closed mid-request")
             raise self._error
 
-    def _on_head(self, buf: bytes | bytearray, start: int, end: int) -> None:
-        lines = self._block_lines(buf, start, end, "invalid_request_line")
-
+    def _on_head(self, lines: list[str]) -> None:
         parts = lines[0].split(" ")
         if len(parts) != 3:
             raise ParseError(400, "invalid_request_line", f"malformed request line {lines[0][:80]!r}")
@@ -569,6 +638,8 @@ class RequestParser(_Parser):
         if method not in _METHODS and _TOKEN.fullmatch(method) is None:
             raise ParseError(400, "invalid_request_line", f"invalid method {method[:20]!r}")
         # Printable ASCII only: no HTAB, no obs-text (split removed spaces).
+        # With the method and version checks, no control character is left
+        # anywhere in the request line: it needs no check of its own.
         if not target.isascii() or not target.isprintable() or not target:
             raise ParseError(400, "invalid_request_line", "invalid request-target")
         if "#" in target:
@@ -581,7 +652,22 @@ class RequestParser(_Parser):
             elif not (method == "CONNECT" or (target == "*" and method == "OPTIONS")):
                 raise ParseError(400, "invalid_request_line", f"invalid request-target {target[:80]!r}")
 
-        headers, specials = _parse_fields(lines, 1, _REQUEST_SPECIAL, "host", 400)
+        # _parse_fields, inlined (the call shows per head), leaving Host out of the Headers.
+        headers = Headers()
+        append = headers.append
+        cached = _FIELD_CACHE.get
+        specials = None
+        for line in lines[1:]:
+            field = cached(line)
+            if field is None:
+                field = _SPECIAL_CACHE.get(line) or _new_field(line, 400)
+                if field[0] in _REQUEST_SPECIAL:
+                    if specials is None:
+                        specials = []
+                    specials.append(field)
+                    if field[0] == "host":
+                        continue
+            append(field)
 
         http11 = version == "HTTP/1.1"
         keep_alive = http11
@@ -635,9 +721,14 @@ class RequestParser(_Parser):
                     )
                 chunked = True
             elif lengths is not None:
-                content_length, rewrite = _content_length(lengths, 400)
-                if rewrite:
-                    _canonical_length(headers, content_length)
+                length = lengths[0]
+                # The usual single plain length; isdecimal, not isdigit: see _content_length.
+                if len(lengths) == 1 and length.isdecimal() and length.isascii() and len(length) <= 19:
+                    content_length = int(length)
+                else:
+                    content_length, rewrite = _content_length(lengths, 400)
+                    if rewrite:
+                        _canonical_length(headers, content_length)
         if host is None:
             if http11:
                 raise ParseError(400, "missing_host", "HTTP/1.1 request without Host")
@@ -660,9 +751,43 @@ class RequestParser(_Parser):
         elif content_length:
             self._state = _BODY_LENGTH
             self._remaining = content_length
-        self._handler.on_request_head(head)
-        if not chunked and not content_length:
-            self._complete()
+        handler = self._handler
+        handler.on_request_head(head)
+        if not chunked and not content_length:  # self._complete(), inlined
+            self._state = _HEAD
+            self._blank_lines = 0
+            if handler.on_message_complete():
+                self.paused = True
+
+
+def _status_line(line: str) -> tuple[str, int, str]:
+    """Parse and check a status line missing from ``_STATUS_LINES``, and
+    cache it: (version, status, reason)."""
+    # status-line = HTTP-version SP status-code SP [ reason-phrase ]; the
+    # second SP is often missing in the wild and harmless.
+    version, _, rest = line.partition(" ")
+    if version != "HTTP/1.1" and version != "HTTP/1.0":
+        if _VERSION.fullmatch(version):
+            raise ParseError(502, "unsupported_http_version", version)
+        raise ParseError(502, "invalid_status_line", f"malformed status line {line[:80]!r}")
+    code = rest[:3]
+    if (
+        len(code) != 3
+        or not code.isdecimal()
+        or not code.isascii()
+        or code[0] == "0"
+        or (len(rest) > 3 and rest[3] != " ")
+    ):
+        raise ParseError(502, "invalid_status_line", f"malformed status line {line[:80]!r}")
+    reason = rest[4:]
+    if not reason.isprintable() and _VALUE_CTL.search(reason):
+        raise ParseError(502, "invalid_status_line", "control character")  # _check_block names it
+    parsed = (version, int(code), reason)
+    if len(line) <= _CACHED_LINE_MAX:
+        if len(_STATUS_LINES) >= _LINE_CACHE_MAX:
+            _STATUS_LINES.clear()
+        _STATUS_LINES[line] = parsed
+    return parsed
 
 
 def _absolute_form(target: str, method: str) -> tuple[str, str, str]:
@@ -698,6 +823,7 @@ class ResponseParser(_Parser):
 
     _FORCE_STATUS = 502
     _IS_RESPONSE = True
+    _FIRST_LINE = "invalid_status_line"
 
     def __init__(
         self, handler: ResponseHandler, *, max_header_bytes: int = 60 * 1024, max_headers: int = 100
@@ -715,10 +841,6 @@ class ResponseParser(_Parser):
         """Requests sent whose final response head has not arrived."""
         return len(self._methods)
 
-    def _check_outstanding(self) -> None:
-        if not self._methods:
-            raise ParseError(502, "unexpected_response_data", "bytes from upstream with no request outstanding")
-
     def _finish_eof(self) -> None:
         if self._eof_done:
             return
@@ -734,42 +856,37 @@ class ResponseParser(_Parser):
             self._error = ParseError(502, "upstream_closed_before_response", "upstream closed before responding")
             raise self._error
 
-    def _on_head(self, buf: bytes | bytearray, start: int, end: int) -> None:
-        lines = self._block_lines(buf, start, end, "invalid_status_line")
+    def _on_head(self, lines: list[str]) -> None:
+        version, status, reason = _STATUS_LINES.get(lines[0]) or _status_line(lines[0])
 
-        # status-line = HTTP-version SP status-code SP [ reason-phrase ]; the
-        # second SP is often missing in the wild and harmless.
-        version, _, rest = lines[0].partition(" ")
-        if version != "HTTP/1.1" and version != "HTTP/1.0":
-            if _VERSION.fullmatch(version):
-                raise ParseError(502, "unsupported_http_version", version)
-            raise ParseError(502, "invalid_status_line", f"malformed status line {lines[0][:80]!r}")
-        code = rest[:3]
-        if (
-            len(code) != 3
-            or not code.isdecimal()
-            or not code.isascii()
-            or code[0] == "0"
-            or (len(rest) > 3 and rest[3] != " ")
-        ):
-            raise ParseError(502, "invalid_status_line", f"malformed status line {lines[0][:80]!r}")
-        status = int(code)
-        reason = rest[4:]
-
-        headers, specials = _parse_fields(lines, 1, _RESPONSE_SPECIAL, None, 502)
+        # _parse_fields, inlined as in RequestParser._on_head.
+        headers = Headers()
+        append = headers.append
+        cached = _FIELD_CACHE.get
+        specials = None
+        for line in lines[1:]:
+            field = cached(line)
+            if field is None:
+                field = _SPECIAL_CACHE.get(line) or _new_field(line, 502)
+                if field[0] in _RESPONSE_SPECIAL:
+                    if specials is None:
+                        specials = []
+                    specials.append(field)
+            append(field)
         http11 = version == "HTTP/1.1"
-        head = ResponseHead(status, headers, reason, version, http11)
+        handler = self._handler
 
         method = self._methods[0]
         if status < 200 and status != 101:
             self._informational += 1
             if self._informational > _MAX_INFORMATIONAL:
                 raise ParseError(502, "too_many_informational", f"more than {_MAX_INFORMATIONAL} 1xx responses")
-            self._handler.on_informational(head)
+            handler.on_informational(ResponseHead(status, headers, reason, version, http11))
             return
         self._methods.popleft()
         self._informational = 0
 
+        keep_alive = http11
         lengths: list[str] | None = None
         encodings: list[str] | None = None
         if specials:
@@ -790,20 +907,24 @@ class ResponseParser(_Parser):
                 else:
                     encodings.append(value)
             if connection is not None:
-                tokens = _connection_tokens(connection)
+                if len(connection) == 1 and "," not in connection[0]:
+                    tokens = {connection[0].lower()}
+                else:
+                    tokens = _connection_tokens(connection)
                 if "close" in tokens:
-                    head.keep_alive = False
+                    keep_alive = False
                 elif not http11:
-                    head.keep_alive = "keep-alive" in tokens
+                    keep_alive = "keep-alive" in tokens
 
         if status == 101 or (method == "CONNECT" and 200 <= status < 300):
             # A tunnel: what follows is the other protocol, up to the close.
             # Content-Length/Transfer-Encoding mean nothing here (RFC 9110 9.3.6).
-            head.keep_alive = False
             self._state = _BODY_EOF
-            self._handler.on_response_head(head)
+            handler.on_response_head(ResponseHead(status, headers, reason, version, False))
             return
 
+        content_length = None
+        chunked = False
         if encodings is not None:
             if lengths is not None:
                 raise ParseError(
@@ -815,33 +936,38 @@ class ResponseParser(_Parser):
                 raise ParseError(
                     502, "unsupported_transfer_encoding", f"Transfer-Encoding {', '.join(encodings)[:60]!r}"
                 )
-            head.chunked = True
+            chunked = True
         elif lengths is not None:
-            length, rewrite = _content_length(lengths, 502)
-            head.content_length = length
-            if rewrite:
-                _canonical_length(headers, length)
+            length = lengths[0]
+            # The usual single plain length; isdecimal, not isdigit: see _content_length.
+            if len(lengths) == 1 and length.isdecimal() and length.isascii() and len(length) <= 19:
+                content_length = int(length)
+            else:
+                content_length, rewrite = _content_length(lengths, 502)
+                if rewrite:
+                    _canonical_length(headers, content_length)
 
         if method == "HEAD" or status == 204 or status == 304:
             # No body whatever the framing headers say (RFC 9112 6.3); a HEAD
             # response's Content-Length describes the GET it stands for.
-            self._handler.on_response_head(head)
-            self._complete()
-        elif head.chunked:
+            complete = True
+        elif chunked:
             self._state = _CHUNK_SIZE
-            self._handler.on_response_head(head)
-        elif head.content_length is not None:
-            if head.content_length:
+            complete = False
+        elif content_length is not None:
+            complete = not content_length
+            if content_length:
                 self._state = _BODY_LENGTH
-                self._remaining = head.content_length
-                self._handler.on_response_head(head)
-            else:
-                self._handler.on_response_head(head)
-                self._complete()
+                self._remaining = content_length
         else:
-            head.keep_alive = False  # delimited by the close
+            keep_alive = False  # delimited by the close
             self._state = _BODY_EOF
-            self._handler.on_response_head(head)
+            complete = False
+        handler.on_response_head(
+            ResponseHead(status, headers, reason, version, keep_alive, content_length, chunked)
+        )
+        if complete:
+            self._complete()
 
 
 # --------------------------------------------------------------------------
@@ -871,6 +997,10 @@ def _finish(parts: list[str], crlfs: int) -> bytes:
     return text.encode("latin-1")  # UnicodeEncodeError is a ValueError
 
 
+# No cache of encoded field lines here, unlike the parser's: a (name, value)
+# key also matches a str subclass with equal content, which an f-string may
+# write differently (a (str, Enum) member writes as "Cls.NAME"), and checking
+# exact types per field costs about what the cache saves.
 def _append_fields(parts: list[str], headers: Headers) -> None:
     append = parts.append
     known = _OUT_NAMES

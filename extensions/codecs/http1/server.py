@@ -52,6 +52,7 @@ class Http1ServerConnection(asyncio.Protocol):
         )
         self.stream: "ActiveStream | None" = None
         self.remote_ip = ""
+        self.remote_port = 0
         self.scheme = "http"
         self.closed = False
         self.draining = False
@@ -85,6 +86,7 @@ class Http1ServerConnection(asyncio.Protocol):
         stats.downstream_cx_active.value += 1
         peer = transport.get_extra_info("peername")
         self.remote_ip = peer[0] if peer else ""
+        self.remote_port = peer[1] if peer else 0
         self._arm_idle_timer()
 
     def data_received(self, data: bytes) -> None:

@@ -80,6 +80,7 @@ class Router(HttpFilter):
     try_timer: Timeout | None = None  # the current attempt's per_try_timeout
     retries_held = 0  # this request's share of the cluster's max_retries
     done = False
+    upstream_class: type["UpstreamRequest"]  # UpstreamRequest (set below), or DebugUpstreamRequest
 
     # -- request path -------------------------------------------------------
 
@@ -136,6 +137,8 @@ class Router(HttpFilter):
         if route.timeouts is not None:
             self.timer = route.timeouts.add(self._on_timeout)
         stream.add_watermark_listener(self)
+        if stream.debug is not None:  # the debug header: time this request's attempts
+            self.upstream_class = DebugUpstreamRequest
         self._attempt()
         return STOP
 
@@ -185,7 +188,7 @@ class Router(HttpFilter):
         per_try = self.route.per_try_timeouts  # type: ignore[union-attr]
         if per_try is not None:
             self.try_timer = per_try.add(self._on_per_try_timeout)
-        self.upstream = UpstreamRequest(self, cluster, host)
+        self.upstream = self.upstream_class(self, cluster, host)
         self.upstream.start()
 
     def _on_per_try_timeout(self) -> None:
@@ -289,9 +292,11 @@ class Router(HttpFilter):
             return False
         if self.attempts > 1:
             self.cluster.stats.upstream_rq_retry_success.value += 1
+        now = time.monotonic()
+        self.stream.upstream_first_byte_time = now  # access logs' %RESPONSE_DURATION%
         self._finalize_response(head)
         if not self.config.suppress_envoy_headers:
-            head.headers.append(("x-envoy-upstream-service-time", str(int(upstream.elapsed_ms()))))
+            head.headers.append(("x-envoy-upstream-service-time", str(int((now - upstream.start_time) * 1000.0))))
         if end_stream:
             self._finished()
         self.stream.encode_headers(head, end_stream)
@@ -443,6 +448,7 @@ class UpstreamRequest:
 
     def _complete(self) -> None:
         self.complete = True
+        self.cluster.stats.upstream_rq_time.record(self.elapsed_ms())
         self._end()
 
     def on_upstream_reset(self, reason: str, detail: str) -> None:
@@ -465,6 +471,34 @@ class UpstreamRequest:
                 self.connection.detach()
         elif self.pool is not None:
             self.pool.cancel(self)
+
+
+class DebugUpstreamRequest(UpstreamRequest):
+    """An attempt of a request that asked for the debug header (``stream.debug``
+    is set): records when it got its connection and its response head."""
+
+    _acquiring = False
+
+    def start(self) -> None:
+        self.router.stream.debug.attempt_started(self.router.attempts)
+        # An idle pooled connection is handed over inside acquire().
+        self._acquiring = True
+        try:
+            super().start()
+        finally:
+            self._acquiring = False
+
+    def on_pool_ready(self, connection: Any) -> None:
+        if self.router.upstream is self:
+            self.router.stream.debug.upstream_connected(pooled=self._acquiring)
+        super().on_pool_ready(connection)
+
+    def on_upstream_headers(self, head: ResponseHead, end_stream: bool) -> None:
+        self.router.stream.debug.upstream_first_byte()
+        super().on_upstream_headers(head, end_stream)
+
+
+Router.upstream_class = UpstreamRequest
 
 
 def create(config: dict[str, Any], ctx: BuildContext) -> HttpFilterFactory:

@@ -10,9 +10,11 @@ connections are closed.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from outrider import BuildContext, Extension, StatsGroup, hookimpl
+from outrider.access_log import LogInfoDefaults
 from outrider.config.units import parse_duration
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,6 +41,9 @@ class TcpProxyStats(StatsGroup):
 
 class TcpProxy:
     """One ``tcp:`` block, parsed once; makes the per-connection protocols."""
+
+    #: Each finished connection goes to ``listener.access_log`` (when set).
+    supports_access_log = True
 
     def __init__(self, config: dict[str, Any], ctx: BuildContext) -> None:
         self.cluster_name: str = config["cluster"]
@@ -158,6 +163,7 @@ class UpstreamConnection(_Side):
         self._rx.value += n
         self._down_tx.value += n
         down = self.downstream
+        down.bytes_sent += n
         down.last_activity = down.loop.time()
         down.transport.write(data)  # type: ignore[union-attr]
 
@@ -195,13 +201,22 @@ class UpstreamConnection(_Side):
         self.downstream.close_pair(abort)
 
 
-class DownstreamConnection(_Side):
-    """One accepted client connection; owns the session and its timers."""
+class DownstreamConnection(LogInfoDefaults, _Side):
+    """One accepted client connection; owns the session and its timers.
+
+    It is also what the listener's access logs receive (an
+    ``outrider.access_log.AccessLogInfo``): bytes each way, start time,
+    upstream host and cluster, response flags (UH, UF, UO, NC).
+    """
+
+    _logged = False
 
     def __init__(self, proxy: TcpProxy, listener: "Listener") -> None:
         super().__init__()
         self.proxy = proxy
         self.listener = listener
+        self.start_time = time.monotonic()
+        self.upstream_cluster = proxy.cluster_name
         self.loop = asyncio.get_running_loop()
         self.peer: UpstreamConnection | None = None
         self.closing = False
@@ -228,16 +243,21 @@ class DownstreamConnection(_Side):
             return
         proxy = self.proxy
         proxy.stats.downstream_cx_total.value += 1
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.remote_ip, self.remote_port = peer[0], peer[1]
         # Hold the client's bytes in its socket until there is somewhere to send them.
         self.update_reading()
         cluster = proxy.cluster_manager.get(proxy.cluster_name)
         if cluster is None:  # only after a reload removed it
             proxy.stats.downstream_cx_no_route.value += 1
+            self.response_flags += ("NC",)
             self.close_pair(abort=False)
             return
         if cluster.stats.upstream_cx_active.value >= cluster.max_connections:
             # The cluster's max_connections circuit breaker is open.
             cluster.stats.upstream_cx_overflow.value += 1
+            self.response_flags += ("UO",)
             self.close_pair(abort=False)
             return
         self.buffer_limit = cluster.buffer_limit
@@ -256,6 +276,7 @@ class DownstreamConnection(_Side):
         n = len(data)
         self._rx.value += n
         self._up_tx.value += n
+        self.bytes_received += n
         self.last_activity = self.loop.time()
         up = self.peer
         if up is not None:
@@ -310,10 +331,12 @@ class DownstreamConnection(_Side):
             host = cluster.choose_host(None)
             if host is None:
                 stats.upstream_cx_none_healthy.value += 1
+                self.response_flags += ("UH",)
                 proxy.log.warning("tcp %s: cluster %s has no healthy host; closing the connection", proxy.stat_prefix, cluster.name)
                 break
             attempts += 1
             stats.upstream_cx_total.value += 1
+            self.upstream_host = host.address
             timeout = cluster.connect_timeout
             timed_out = False
             try:
@@ -341,6 +364,7 @@ class DownstreamConnection(_Side):
             )
             if attempts >= proxy.max_connect_attempts:
                 stats.scope.counter("upstream_cx_connect_attempts_exceeded").value += 1
+                self.response_flags += ("UF",)
                 break
         proxy.stats.upstream_connect_fail.value += 1
         self._connect_task = None  # so close_pair does not cancel the running task
@@ -384,13 +408,17 @@ class DownstreamConnection(_Side):
                     side.transport.close()
 
     def maybe_finished(self) -> None:
-        """Both sockets are gone: drop the timers."""
+        """Both sockets are gone: drop the timers, write the access log."""
         if not self.lost or (self.peer is not None and not self.peer.lost):
             return
         for timer in (self._idle_timer, self._duration_timer):
             if timer is not None:
                 timer.cancel()
         self._idle_timer = self._duration_timer = None
+        access_log = self.listener.access_log
+        if access_log is not None and not self._logged:
+            self._logged = True
+            access_log(self)
 
     def _on_idle_timer(self) -> None:
         # One timer per connection, re-armed lazily: data_received only

@@ -859,6 +859,95 @@ def test_response_every_split_point():
 
 
 # --------------------------------------------------------------------------
+# Parsed-line caches: a line seen before is not checked again, so neither its
+# meaning nor the error a head gets may depend on what was parsed earlier
+
+
+def test_a_cached_line_keeps_its_meaning_in_each_kind_of_block():
+    # Host and Expect are special in requests only; Content-Length is refused in trailers.
+    head = parse_request(req("Host: cache-a", "Expect: 100-continue", "Content-Length: 0")).heads()[0]
+    assert head.authority == "cache-a" and head.expect_continue
+    assert list(head.headers) == [("expect", "100-continue"), ("content-length", "0")]
+    head = parse_response(b"HTTP/1.1 200 OK\r\nHost: cache-a\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n")
+    assert list(head.heads()[0].headers) == [("host", "cache-a"), ("expect", "100-continue"), ("content-length", "0")]
+    err = request_error(req("Host: h", "Transfer-Encoding: chunked", body=b"0\r\nContent-Length: 0\r\n\r\n"))
+    assert (err.status, err.reason) == (400, "forbidden_trailer")
+    # The other way round: first seen as a plain response field.
+    parse_response(b"HTTP/1.1 200 OK\r\nHost: cache-b\r\nContent-Length: 0\r\n\r\n")
+    head = parse_request(req("Host: cache-b")).heads()[0]
+    assert head.authority == "cache-b" and list(head.headers) == []
+
+
+def test_heads_built_from_cached_lines_do_not_share_their_header_lists():
+    first = parse_request(GET).heads()[0]
+    first.headers.set("accept", "text/html")
+    first.headers.remove_all("user-agent")
+    second = parse_request(GET).heads()[0]
+    assert second.headers.get("accept") == "*/*" and second.headers.get("user-agent") == "test/1.0"
+
+
+CHARACTER_PRECEDENCE = [
+    # (head, parser options, status, reason, detail): a bad character is the
+    # error, whatever else is wrong and wherever it is.
+    (req("Host: h", "X@Y: z", "X-Foo: a\x01b"), {}, 400, "invalid_header_value", "0x01 at offset 41"),
+    (req("Host: h", "X-Foo: a\x00", start="GET  / HTTP/1.1"), {}, 400, "invalid_header_value", "0x00 at offset 34"),
+    (req("Host: h", "Host: h2", "X-Foo: \x7f"), {}, 400, "invalid_header_value", "0x7f at offset 42"),
+    (req("Host: h", "X\x01: y", start="GET / HTTP/2.0"), {}, 400, "invalid_header_name", "0x01 at offset 26"),
+    (req("Host: h", "X: y", start="GET /\x01 HTTP/1.1"), {}, 400, "invalid_request_line", "0x01 at offset 5"),
+    (req("Host: h", "A: 1", "B: \x01"), {"max_headers": 2}, 400, "invalid_header_value", "0x01 at offset 34"),
+    (req("Host: h", "A: 1", "B: \x01"), {"max_header_bytes": 20}, 400, "invalid_header_value", "0x01 at offset 34"),
+    (
+        req("Host: h", "Content-Length: 1", "Transfer-Encoding: chunked", "X: \x0b"),
+        {},
+        400,
+        "invalid_header_value",
+        "0x0b at offset 75",
+    ),
+]
+
+
+@pytest.mark.parametrize("warm", [False, True])
+@pytest.mark.parametrize("data, options, status, reason, detail", CHARACTER_PRECEDENCE)
+def test_bad_characters_win_over_other_faults(data, options, status, reason, detail, warm):
+    if warm:  # the valid lines of these heads are all in the caches now
+        parse_request(req("Host: h", "A: 1", "X: y", "Content-Length: 1", body=b"x"))
+        parse_request(req("Host: h2", "Transfer-Encoding: chunked", body=b"0\r\n\r\n"))
+    err = request_error(data, **options)
+    assert (err.status, err.reason, err.detail) == (status, reason, f"control character {detail}")
+
+
+@pytest.mark.parametrize(
+    "data, reason, detail",
+    [
+        (b"HTTP/1.1 200 O\x01K\r\n\r\n", "invalid_status_line", "0x01 at offset 14"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\nX: \x01\r\n\r\n", "invalid_header_value", "0x01 at offset 39"),
+        (b"HTTP/1.1 2000 OK\r\nX: \x01\r\n\r\n", "invalid_header_value", "0x01 at offset 21"),
+    ],
+)
+def test_bad_characters_win_over_other_faults_in_responses(data, reason, detail):
+    parse_response(RESP)  # "HTTP/1.1 200 OK" cached
+    err = response_error(data)
+    assert (err.status, err.reason, err.detail) == (502, reason, f"control character {detail}")
+
+
+def test_line_caches_stay_bounded():
+    from outrider.extensions.codecs.http1 import parser as module
+
+    rec = Recorder()
+    parser = RequestParser(rec)
+    for i in range(module._LINE_CACHE_MAX + 10):
+        parser.feed(req("Host: h", f"X-Junk: {i}", f"Content-Length: {i % 2}", body=b"x" * (i % 2)))
+        parser.feed(req(f"Host: h{i}"))
+    assert 0 < len(module._FIELD_CACHE) <= module._LINE_CACHE_MAX
+    assert 0 < len(module._SPECIAL_CACHE) <= module._LINE_CACHE_MAX
+    long_line = "X-Long: " + "a" * module._CACHED_LINE_MAX
+    parser.feed(req("Host: h", long_line))
+    assert long_line not in module._FIELD_CACHE
+    assert rec.heads()[-1].headers == [("x-long", "a" * module._CACHED_LINE_MAX)]
+    assert len(rec.heads()) == 2 * module._LINE_CACHE_MAX + 21
+
+
+# --------------------------------------------------------------------------
 # Serialisers
 
 

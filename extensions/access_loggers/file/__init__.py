@@ -1,0 +1,336 @@
+"""file: access log lines to a file, /dev/stdout or /dev/stderr.
+
+Formatting happens on the event loop when a stream ends (a compiled
+formatter: a few getter calls and one f-string). Writing never does: lines
+collect in a list, which is joined and handed every ``flush_interval`` (or
+every 16384 lines) to a writer thread as one batch of bytes; the thread
+writes it with one ``os.write`` loop. The bytes waiting for the thread are
+bounded (``max_buffer_bytes``): beyond that, lines are dropped and counted.
+A file that cannot be opened or written costs a stat and a rate-limited log
+line; the proxy keeps serving. SIGUSR1 reopens the file (log rotation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+from typing import Any, Callable
+
+from outrider import BuildContext, Extension, StatsGroup, hookimpl
+from outrider.access_log import compile_format, compile_json_format
+from outrider.config.units import parse_duration
+from outrider.sinks import RateLimitedLog
+
+log = logging.getLogger("outrider.ext.file")
+
+#: Lines held on the loop before a batch is handed over, whatever the interval.
+#: Few, large batches matter: each one makes the writer thread take the GIL
+#: a couple of times, and a thread waiting for the GIL while the loop is busy
+#: is woken (a futex call on each side) every time the loop releases it.
+FLUSH_LINES = 16384
+#: At most one log line per problem kind per this many seconds.
+ERROR_LOG_INTERVAL = 10.0
+
+
+class FileAccessLogStats(StatsGroup):
+    """``access_logs.file.*`` (shared by every file access log)."""
+
+    COUNTERS = (
+        "write_buffered",    # lines accepted
+        "write_completed",   # batches written
+        "write_failed",      # failed opens and writes
+        "dropped",           # lines lost: buffer full, or the open/write failed
+        "flushed_by_timer",  # batches handed over by the flush_interval timer
+        "reopen_failed",     # SIGUSR1 reopens that failed
+    )
+    GAUGES = ("write_total_buffered",)  # bytes waiting for the writer thread
+
+
+class _Writer:
+    """One file, shared by every file access log that names its path: the
+    loop-side buffer and the writer thread behind it.
+
+    The loop joins and encodes each batch (one join per batch), so the
+    thread's only work is ``os.write``: it takes the GIL about twice per
+    batch, which keeps what the loop pays for the hand-over small. The
+    thread's counts are plain integers only it writes; the loop folds them
+    into the stats (a callback the thread schedules after each round).
+    """
+
+    def __init__(self, path: str, stats: FileAccessLogStats, flush_interval: float, max_bytes: int) -> None:
+        self.path = path
+        self.stats = stats
+        self.flush_interval = flush_interval
+        self.max_bytes = max_bytes
+        self.users = 0
+        #: Lines formatted on the loop, not yet handed to the thread.
+        self.pending: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._log_drop = RateLimitedLog(log, ERROR_LOG_INTERVAL)
+        # Shared with the thread, under _cond: (data, lines) batches.
+        self._cond = threading.Condition()
+        self._batches: list[tuple[bytes, int]] = []
+        self._queued_bytes = 0
+        self._reopen = False
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        # Written by the thread only, read by the loop (see _sync).
+        self._done = {"write_completed": 0, "write_failed": 0, "dropped": 0, "reopen_failed": 0}
+        self._synced = dict(self._done)
+        # Thread-only state:
+        self._fd: int | None = None
+        # One rate limit per kind of problem, so one does not hide another.
+        self._log_open = RateLimitedLog(log, ERROR_LOG_INTERVAL)
+        self._log_write = RateLimitedLog(log, ERROR_LOG_INTERVAL)
+
+    # -- on the event loop ---------------------------------------------------
+
+    def schedule(self) -> None:
+        """The first pending line: flush it within flush_interval."""
+        loop = self._loop
+        if loop is None:
+            try:
+                loop = self._loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (an embedding app calling log directly)
+                self.flush()
+                return
+        self._timer = loop.call_later(self.flush_interval, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.pending:
+            self.stats.flushed_by_timer.value += 1
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the pending lines to the writer thread as one batch."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending = self.pending
+        if pending:
+            count = len(pending)
+            text = "".join(pending)
+            pending.clear()  # the list stays: loggers hold its append
+            try:
+                # Header values are latin-1 views of the wire bytes: written back as those bytes.
+                data = text.encode("latin-1")
+            except UnicodeEncodeError:
+                data = text.encode("utf-8", "replace")
+            self._hand_over(data, count)
+        self._sync()
+
+    def _hand_over(self, data: bytes, count: int) -> None:
+        stats = self.stats
+        stats.write_buffered.value += count
+        with self._cond:
+            if self._queued_bytes + len(data) > self.max_bytes:
+                stats.dropped.value += count
+                self._log_drop(logging.WARNING, "access log %s: %d bytes are waiting for the disk (max_buffer_bytes %d); "
+                               "dropping %d lines", self.path, self._queued_bytes, self.max_bytes, count)
+                return
+            self._batches.append((data, count))
+            self._queued_bytes += len(data)
+            self._cond.notify()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"access-log {self.path}", daemon=True)
+            self._thread.start()
+
+    def _sync(self) -> None:
+        """Fold the thread's counts into the stats (on the loop, which owns them)."""
+        stats = self.stats
+        done, synced = self._done, self._synced
+        for name, value in done.items():
+            delta = value - synced[name]
+            if delta:
+                synced[name] = value
+                getattr(stats, name).value += delta
+        stats.write_total_buffered.value = self._queued_bytes
+
+    def reopen(self) -> None:
+        if self.path in _STD_STREAMS:
+            return
+        with self._cond:
+            self._reopen = True
+            self._cond.notify()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is pending and stop the thread (bounded wait)."""
+        self.flush()
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("access log %s: the writer did not finish within %.3gs", self.path, timeout)
+        self._sync()
+
+    # -- the writer thread ---------------------------------------------------
+
+    def _run(self) -> None:
+        done = self._done
+        while True:
+            with self._cond:
+                while not self._batches and not self._reopen and not self._closing:
+                    self._cond.wait()
+                batches, self._batches = self._batches, []
+                reopen, self._reopen = self._reopen, False
+                closing = self._closing
+            if reopen:
+                self._close_fd()
+                if not self._open():
+                    done["reopen_failed"] += 1
+            if batches:
+                for data, count in batches:
+                    self._write(data, count)
+                with self._cond:
+                    self._queued_bytes -= sum(len(data) for data, _ in batches)
+            # The stats (and the failures) show now, not at the next flush:
+            # one loop callback per round of batches.
+            self._sync_soon()
+            if closing:
+                with self._cond:
+                    if self._batches:
+                        continue
+                self._close_fd()
+                return
+
+    def _sync_soon(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._sync)
+            except RuntimeError:  # the loop closed meanwhile; close() syncs
+                pass
+
+    def _open(self) -> bool:
+        try:
+            if self.path in _STD_STREAMS:
+                self._fd = os.dup(_STD_STREAMS[self.path])
+            else:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            return True
+        except OSError as exc:
+            self._done["write_failed"] += 1
+            self._log_open(logging.ERROR, "access log: cannot open %s: %s", self.path, exc.strerror or exc)
+            return False
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _write(self, data: bytes, count: int) -> None:
+        done = self._done
+        if self._fd is None and not self._open():
+            done["dropped"] += count
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)  # type: ignore[arg-type]
+                view = view[written:]
+        except OSError as exc:
+            done["write_failed"] += 1
+            done["dropped"] += count
+            self._log_write(logging.ERROR, "access log: cannot write to %s: %s; %d lines lost", self.path, exc.strerror or exc, count)
+            self._close_fd()  # opened again for the next batch
+            return
+        done["write_completed"] += 1
+
+
+_STD_STREAMS = {"/dev/stdout": 1, "/dev/stderr": 2}
+#: Writers by path: loggers naming the same file share one writer (and its
+#: settings: the first logger's flush_interval and max_buffer_bytes).
+_writers: dict[str, _Writer] = {}
+
+
+class FileAccessLog:
+    """One ``access_log:`` entry naming ``file``."""
+
+    def __init__(self, config: dict[str, Any], ctx: BuildContext) -> None:
+        self.path: str = config["path"]
+        if "format" in config and "json_format" in config:
+            raise ValueError("file access log: give format or json_format, not both")
+        if "json_format" in config:
+            build = compile_json_format(config["json_format"])
+            encode = json.JSONEncoder(separators=(",", ":")).encode
+            self.format: Callable[[Any], str] = lambda info: encode(build(info)) + "\n"
+        else:
+            text = config.get("format")
+            if text is not None and not text.endswith("\n"):
+                text += "\n"
+            self.format = compile_format(text)
+        self.flush_interval = parse_duration(config.get("flush_interval", "1s"))
+        self.max_buffer_bytes = int(config.get("max_buffer_bytes", 8 * 1024 * 1024))
+        self.stats = FileAccessLogStats(ctx.stats.scope("access_logs.file"))
+        # Only objects: the file is opened, and the writer thread started, on
+        # the first flush, so building (as `outrider validate` does) touches
+        # nothing on disk.
+        writer = _writers.get(self.path)
+        if writer is None:
+            writer = _writers[self.path] = _Writer(self.path, self.stats, self.flush_interval, self.max_buffer_bytes)
+        writer.users += 1
+        self._writer: _Writer | None = writer
+        self.log = self._make_log(writer)
+
+    def _make_log(self, writer: _Writer) -> Callable[[Any], None]:
+        # A closure over what it needs: per line, a format call and an append.
+        format_line = self.format
+        pending = writer.pending
+        append = pending.append
+        schedule = writer.schedule
+        flush = writer.flush
+
+        def log(info: Any) -> None:
+            append(format_line(info))
+            n = len(pending)
+            if n == 1:
+                schedule()
+            elif n >= FLUSH_LINES:
+                flush()
+
+        return log
+
+    def reopen(self) -> None:
+        if self._writer is not None:
+            self._writer.reopen()
+
+    def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        writer.users -= 1
+        if writer.users <= 0:
+            writer.close()
+            if _writers.get(self.path) is writer:
+                del _writers[self.path]
+        else:
+            writer.flush()
+
+
+def create(config: dict[str, Any], ctx: BuildContext) -> FileAccessLog:
+    return FileAccessLog(config, ctx)
+
+
+@hookimpl
+def outrider_register(registry: Any) -> None:
+    registry.add(
+        Extension.from_module(
+            __name__,
+            name="file",
+            category="access_loggers",
+            factory=create,
+            status="alpha",
+            security_posture="robust_to_untrusted_downstream",
+            description="Access log lines (Envoy command operators, or JSON) to a file, /dev/stdout or /dev/stderr; never blocks the proxy.",
+        )
+    )
