@@ -469,8 +469,8 @@ def _endpoint_list(server: Any = None) -> str:
 
 #: A hint for admin paths that exist only when an extension is configured.
 _NOT_CONFIGURED = {
-    "/stats/prometheus": "/stats/prometheus is served by the prometheus stats sink: add it, as in "
-    "`stats: {sinks: [prometheus]}`\n",
+    "/stats/prometheus": "/stats/prometheus is served by the prometheus stats sink, which this config "
+    "turned off: list it, as in `stats: {sinks: [prometheus, ...]}`\n",
 }
 
 

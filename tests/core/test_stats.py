@@ -1,7 +1,7 @@
 """The stats store: histograms (unit), tag extraction, snapshots, the sink
 runner; and through a real proxy: request-time histograms after known
 traffic, their /stats text and JSON forms, the Envoy stat names the
-observability issue lists, and /stats/prometheus without the sink."""
+observability issue lists, and /stats/prometheus on by default and turned off."""
 
 from __future__ import annotations
 
@@ -367,9 +367,17 @@ def test_the_envoy_stat_names_exist(proxy, upstream) -> None:
     assert 5 << 20 < stats["server.memory_allocated"] < 2 << 30
 
 
-def test_stats_prometheus_without_the_sink_says_how_to_get_it(proxy, upstream) -> None:
+def test_stats_prometheus_is_on_by_default(proxy, upstream) -> None:
     proc = proxy.start(proxy_config(free_port(), upstream[0], free_port()))
     status, body = http_get(f"{proc.admin}/stats/prometheus")
+    assert status == 200
+    assert "# TYPE outrider_server_live gauge" in body
+    assert "/stats/prometheus" in http_get(f"{proc.admin}/")[1]
+
+
+def test_stats_prometheus_turned_off_says_how_to_get_it(proxy, upstream) -> None:
+    proc = proxy.start("stats: {sinks: []}\n" + proxy_config(free_port(), upstream[0], free_port()))
+    status, body = http_get(f"{proc.admin}/stats/prometheus")
     assert status == 404
-    assert "stats: {sinks: [prometheus]}" in body
+    assert "stats: {sinks: [prometheus, ...]}" in body
     assert "/stats/prometheus" not in http_get(f"{proc.admin}/")[1]
