@@ -4,6 +4,7 @@
     python3 bench/inproc.py              # microseconds per request
     python3 bench/inproc.py --profile    # and where they go (cProfile)
     python3 bench/inproc.py --access-log /tmp/access.log   # with a file access log (default format)
+    python3 bench/inproc.py --tracing zipkin --sampling 0   # with tracing (spans are queued, not sent)
 
 Builds the real server from a config (router, request ids, stats: the same
 path ``bench/run.py`` measures) and drives one downstream and one upstream
@@ -84,9 +85,21 @@ def access_log_block(path: str) -> str:
 """
 
 
-async def run(rounds: int, profile: bool, access_log: str | None = None) -> float:
+def tracing_block(provider: str, sampling: float) -> str:
+    """A top-level ``tracing:`` block; its collector is never contacted here."""
+    return f"""tracing:
+  provider: {{name: {provider}, config: {{collector: "http://127.0.0.1:9/"}}}}
+  sampling: {sampling}
+"""
+
+
+async def run(
+    rounds: int, profile: bool, access_log: str | None = None, tracing: str | None = None, sampling: float = 100
+) -> float:
     registry = load_registry()
     text = CONFIG.replace("clusters:", access_log_block(access_log) + "clusters:", 1) if access_log else CONFIG
+    if tracing:
+        text += tracing_block(tracing, sampling)
     config = load_config_text(text, registry, source="<inproc>")
     server = Server(config, registry, config_source="<inproc>")
     server.build()
@@ -139,13 +152,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=70_000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--access-log", metavar="PATH", help="add a file access log (default format) writing to PATH")
+    parser.add_argument("--tracing", choices=("zipkin", "opentelemetry"), help="add tracing with this provider")
+    parser.add_argument("--sampling", type=float, default=100, help="with --tracing: percent sampled (default 100)")
     args = parser.parse_args()
+    bench = run(args.rounds, args.profile, args.access_log, args.tracing, args.sampling)
     try:
         import uvloop  # the loop outrider run uses
     except ImportError:  # pragma: no cover
-        us = asyncio.run(run(args.rounds, args.profile, args.access_log))
+        us = asyncio.run(bench)
     else:
-        us = uvloop.run(run(args.rounds, args.profile, args.access_log))
+        us = uvloop.run(bench)
     print(f"{us:.1f} us of CPU per proxied request (in-process, no sockets)")
 
 

@@ -5,7 +5,13 @@ by pluggy. pluggy is used only for discovery, registration and lifecycle events;
 the per-request path never calls a hook. At config time each chain is built once
 into plain objects whose methods the data path calls directly. What each
 category's factory is called with and must return is in CONTRIBUTING.md; the
-stats sink contract (``start``/``flush``/``stop``) is in ``outrider.sinks``.
+stats sink contract (``start``/``flush``/``stop``) is in ``outrider.sinks``,
+the access logger's (``log``/``reopen``/``close``) in ``outrider.access_log``,
+and the tracer's in ``outrider.tracing``: ``factory(config, ctx)`` returns a
+``Tracer`` subclass that extracts an incoming context from request headers
+(``None`` when absent or malformed), formats a context as headers for the
+upstream, and encodes finished spans for its collector; the core decides
+sampling, keeps the spans and batches the export off the request path.
 
 A minimal plugin module::
 

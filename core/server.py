@@ -18,6 +18,7 @@ from .listener import Listener
 from .registry import Registry
 from .sinks import SinkRunner, build_sinks
 from .stats import StatsGroup, StatsStore, TagExtractor
+from .tracing import HttpTracing, build_tracing
 
 log = logging.getLogger("outrider.server")
 
@@ -59,7 +60,6 @@ _OFF = (None, [], {}, False, 0)
 UNSUPPORTED: tuple[tuple[tuple[str, ...], str, tuple], ...] = (
     (("workers",), "more than one worker process", (1, None)),
     (("admin", "access_log_path"), "admin access logs", _OFF),
-    (("tracing",), "tracing", _OFF),
     (("listeners", "*", "tls"), "TLS on listeners", _OFF),
     (("listeners", "*", "network_filters"), "network filters", _OFF),
     (("listeners", "*", "http", "virtual_hosts", "*", "routes", "*", "route", "idle_timeout"), "route idle timeouts", _OFF),
@@ -98,6 +98,8 @@ class Server:
         self.access_logs: list[AccessLogs] = []
         #: GET endpoints extensions (stats sinks) serve on the admin interface.
         self.admin_endpoints: list[Any] = []
+        #: The ``tracing:`` block, built; ``None`` when tracing is off.
+        self.tracing: HttpTracing | None = None
         self._histograms_latched = 0.0
 
     @property
@@ -109,6 +111,8 @@ class Server:
     def build(self) -> None:
         """Instantiate clusters and listeners (no sockets yet)."""
         ctx = BuildContext(self.registry, self.stats, server=self)
+        # First: the router's factory picks its classes by ctx.tracing.
+        self.tracing = ctx.tracing = build_tracing(self.config.get("tracing"), ctx)
         cluster_manager = ClusterManager(self.config.get("clusters", []), ctx)
         self.cluster_manager = cluster_manager
         self.clusters = cluster_manager.clusters
@@ -131,6 +135,8 @@ class Server:
 
     def _build_listener(self, lconf: dict[str, Any], ctx: BuildContext) -> Listener:
         if "http" in lconf:
+            if self.tracing is not None:  # server spans name the listener as their local end
+                ctx = ctx.with_tracing(self.tracing.for_listener(lconf["host"], lconf["port"]))
             hcm = HttpConnectionManager(
                 lconf["http"], ctx, listener_name=lconf["name"],
                 buffer_limit=lconf.get("per_connection_buffer_limit", 1024 * 1024),
@@ -204,6 +210,8 @@ class Server:
         self._tick()
         for sink in self.sinks:
             sink.start()
+        if self.tracing is not None:
+            self.tracing.start()
         admin_host = self.config["admin"]["host"]
         admin = f"[{admin_host.strip('[]')}]" if ":" in admin_host else admin_host
         log.info("outrider %s live (config %s); admin on %s:%d", self.version, self.config_source, admin, bound_port(self._admin_runner))
@@ -239,6 +247,8 @@ class Server:
             access_logs.close()  # after the drain: the last streams are logged
         for sink in self.sinks:
             sink.stop()
+        if self.tracing is not None:
+            await self.tracing.stop()  # after the drain: the last requests' spans go too
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         if self.hook:

@@ -1,6 +1,6 @@
-"""Durations and addresses, as written in an Outrider configuration.
+"""Durations, addresses and URLs, as written in an Outrider configuration.
 
-Both parsers raise ``ValueError`` with a message that says what was
+The parsers raise ``ValueError`` with a message that says what was
 expected; the config validator shows that message next to the offending
 node, and extensions call the same functions on their own config values.
 """
@@ -10,9 +10,11 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import urllib.parse
 
 DURATION_HINT = "a duration like 250ms, 5s, 1m, 1h (a bare number means seconds)"
 ADDRESS_HINT = "an address like 127.0.0.1:8080, example.com:443 or [::1]:8080"
+HTTP_URL_HINT = "an http:// or https:// URL with a host, like http://127.0.0.1:9411/api/v2/spans"
 
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # One non-negative decimal number and one unit, nothing else: "5 s", "-1s",
@@ -69,3 +71,23 @@ def parse_address(value: str) -> tuple[str, int]:
     if port > 65535:
         raise bad(f"port {port} is out of range 0-65535")
     return host, port
+
+
+def parse_http_url(value: str) -> urllib.parse.SplitResult:
+    """An ``http://`` or ``https://`` URL with a host (a collector's, say),
+    split into its parts."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected {HTTP_URL_HINT}, got {type(value).__name__}")
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise ValueError(f"expected {HTTP_URL_HINT}, got {value!r} ({exc})") from None
+    # urlsplit accepts nearly anything ("not a url" is a relative path).
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"expected {HTTP_URL_HINT}, got {value!r}")
+    if not parts.hostname:
+        raise ValueError(f"expected {HTTP_URL_HINT}, got {value!r} (no host)")
+    if not value.isprintable() or " " in value:
+        raise ValueError(f"expected {HTTP_URL_HINT}, got {value!r} (spaces or control characters)")
+    return parts

@@ -59,7 +59,7 @@ from jsonschema.validators import validator_for
 from ..access_log import check_format as check_access_log_format
 from ..registry import Extension, Registry
 from .loader import ConfigError, ConfigInvalid, Document, Path, format_path, parse_yaml
-from .units import parse_address, parse_duration
+from .units import parse_address, parse_duration, parse_http_url
 
 CORE_SCHEMA: dict[str, Any] = json.loads(FilePath(__file__).with_name("schema.json").read_text(encoding="utf-8"))
 
@@ -75,6 +75,12 @@ def _check_duration(value: object) -> bool:
 def _check_address(value: object) -> bool:
     if isinstance(value, str):
         parse_address(value)
+    return True
+
+
+def _check_http_url(value: object) -> bool:
+    if isinstance(value, str):
+        parse_http_url(value)
     return True
 
 
@@ -98,12 +104,13 @@ def _check_cidr(value: object) -> bool:
 
 #: The format checker used for the core schema and every extension schema:
 #: jsonschema's standard formats plus ``duration``, ``address``, ``cidr``,
+#: ``http_url`` (an http or https URL with a host, such as a collector's),
 #: a ``regex`` that reports Python's own error, and ``access_log_format``
 #: (outrider.access_log: its error names the bad operator, which the
 #: report points at inside the string).
 FORMAT_CHECKER = FormatChecker()
 for _name, _check in (("duration", _check_duration), ("address", _check_address),
-                      ("regex", _check_regex), ("cidr", _check_cidr),
+                      ("http_url", _check_http_url), ("regex", _check_regex), ("cidr", _check_cidr),
                       ("access_log_format", check_access_log_format)):
     FORMAT_CHECKER.checks(_name, raises=ValueError)(_check)
 

@@ -161,6 +161,13 @@ class HttpConnectionManager:
         # The terminal filter ends the chain: its STOP holds nothing back.
         self.terminal_index = len(classes) - 1
         self.stream_observers: list[Callable[["ActiveStream"], None]] = []
+        # -- tracing (core/tracing.py) --
+        #: The server's ``tracing:``, or ``None``: then tracing costs one
+        #: test per request (in decode_headers).
+        self.tracing = ctx.tracing
+        if self.tracing is not None:
+            self.stream_observers.append(self.tracing.finish_server_span)
+        # -- end tracing --
         #: The ``debug:`` block, compiled; ``None`` (the default) costs nothing
         #: per request. With one, new_stream looks for the debug header.
         self.debug: Any = None
@@ -214,6 +221,10 @@ class ActiveStream:
     #: have it (see core/http/debug.py); the terminal filter records its
     #: upstream timings there.
     debug: Any = None
+    #: With tracing on, this request's server span (a ``Span``, or a
+    #: ``NonRecordingSpan`` when not sampled; see core/tracing.py). The
+    #: router starts a client span per attempt from it.
+    span: Any = None
 
     def __init__(self, hcm: HttpConnectionManager, connection: Any, request: RequestHead) -> None:
         self.hcm = hcm
@@ -263,6 +274,8 @@ class ActiveStream:
         if request.expect_continue:
             headers.remove_all("expect")
         self.route = hcm.route_table.route(request)
+        if hcm.tracing is not None:  # tracing: after the request id and route, before any filter
+            self.span = hcm.tracing.start_server_span(self)
         if end_stream:
             self.request_complete = True
             self.request_end_time = self.start_time

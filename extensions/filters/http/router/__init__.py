@@ -81,6 +81,7 @@ class Router(HttpFilter):
     retries_held = 0  # this request's share of the cluster's max_retries
     done = False
     upstream_class: type["UpstreamRequest"]  # UpstreamRequest (set below), or DebugUpstreamRequest
+    debug_upstream_class: type["UpstreamRequest"]  # DebugUpstreamRequest (set below); tracing.py has its own
 
     # -- request path -------------------------------------------------------
 
@@ -138,7 +139,7 @@ class Router(HttpFilter):
             self.timer = route.timeouts.add(self._on_timeout)
         stream.add_watermark_listener(self)
         if stream.debug is not None:  # the debug header: time this request's attempts
-            self.upstream_class = DebugUpstreamRequest
+            self.upstream_class = self.debug_upstream_class
         self._attempt()
         return STOP
 
@@ -198,7 +199,7 @@ class Router(HttpFilter):
         self.cluster.stats.upstream_rq_per_try_timeout.value += 1
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
-            upstream.abandon()
+            upstream.abandon("per_try_timeout")
         if self._retry_allowed("per_try_timeout"):
             self._attempt()
             return
@@ -347,7 +348,7 @@ class Router(HttpFilter):
         self.cluster.stats.upstream_rq_timeout.value += 1
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
-            upstream.abandon()
+            upstream.abandon("timeout")
         log.info("request %s %s to cluster %s timed out after %.3gs", self.request.method, self.request.path, self.cluster.name, self.route.timeout)  # type: ignore[union-attr]
         self._fail(504, "upstream request timeout\n", "upstream_response_timeout", "UT")
 
@@ -463,8 +464,9 @@ class UpstreamRequest:
     def on_upstream_write_resumed(self) -> None:
         self.router.stream.resume_downstream_reading()
 
-    def abandon(self) -> None:
-        """The router no longer wants this attempt (timeout, retry, reset)."""
+    def abandon(self, reason: str = "cancelled") -> None:
+        """The router no longer wants this attempt (timeout, retry, reset);
+        ``reason`` says why (a traced attempt records it)."""
         self._end()
         if self.connection is not None:
             if not self.complete:
@@ -499,10 +501,16 @@ class DebugUpstreamRequest(UpstreamRequest):
 
 
 Router.upstream_class = UpstreamRequest
+Router.debug_upstream_class = DebugUpstreamRequest
 
 
 def create(config: dict[str, Any], ctx: BuildContext) -> HttpFilterFactory:
-    return HttpFilterFactory(Router, RouterConfig(config, ctx))
+    router_class: type[Router] = Router
+    if ctx.tracing is not None:  # tracing: every attempt is a client span (tracing.py)
+        from .tracing import TracedRouter
+
+        router_class = TracedRouter
+    return HttpFilterFactory(router_class, RouterConfig(config, ctx))
 
 
 @hookimpl
