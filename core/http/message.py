@@ -33,16 +33,23 @@ class Headers(list):
         self.append((name.lower(), value))
 
     def set(self, name: str, value: str) -> None:
-        """Replace every ``name`` header with one ``name: value``."""
+        """Replace every ``name`` header with one ``name: value`` (at the end)."""
         name = name.lower()
-        self.remove_all(name)
+        for k, _ in self:
+            if k == name:
+                self[:] = [kv for kv in self if kv[0] != name]
+                break
         self.append((name, value))
 
     def remove_all(self, name: str) -> int:
         """Remove every ``name`` header; returns how many were removed."""
-        before = len(self)
-        self[:] = [kv for kv in self if kv[0] != name]
-        return before - len(self)
+        # Usually there is none: a scan is cheaper than building a new list.
+        for k, _ in self:
+            if k == name:
+                before = len(self)
+                self[:] = [kv for kv in self if kv[0] != name]
+                return before - len(self)
+        return 0
 
     def has(self, name: str) -> bool:
         for k, _ in self:
