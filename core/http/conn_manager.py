@@ -376,12 +376,19 @@ class ActiveStream:
         if self.response_started or self.destroyed:
             return
         self.response = response
+        if not self.hcm.response_phases[_HEADERS]:  # no filter reads response heads: straight to the codec
+            self._write(_HEADERS, response, end_stream)
+            return
         # Response events start at the filter before the one answering.
         self._encode(_HEADERS, (len(self.filters) if from_filter is None else from_filter) - 1, response, end_stream)
 
     def encode_body(self, chunk: bytes, end_stream: bool, from_filter: int | None = None) -> None:
         if self._resp_stopped is not None:
             self._resp_pending.append((_BODY, chunk, end_stream))  # type: ignore[union-attr]
+            return
+        if not self.hcm.response_phases[_BODY]:  # as in encode_headers
+            if not self.destroyed:
+                self._write(_BODY, chunk, end_stream)
             return
         self._encode(_BODY, (len(self.filters) if from_filter is None else from_filter) - 1, chunk, end_stream)
 
@@ -586,7 +593,8 @@ class ActiveStream:
         if self.destroyed:
             return
         self.destroyed = True
-        self._cancel_request_timer()
+        if self._request_timer is not None:
+            self._cancel_request_timer()
         self.hcm.stats.downstream_rq_active.value -= 1
         filters = self.filters
         for index in self.hcm.destroy_hooks:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from outrider.http.message import Headers, ResponseHead
 
-from .framing import strip_hop_by_hop
 from .parser import LAST_CHUNK, ParseError, RequestParser, encode_chunk, encode_trailers, serialize_response_head
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,7 +47,10 @@ class Http1ServerConnection(asyncio.Protocol):
         self.stats = hcm.stats
         self.transport: asyncio.Transport | None = None
         self.parser = RequestParser(
-            self, max_header_bytes=hcm.max_request_headers_bytes, max_headers=hcm.max_headers_count
+            self,
+            max_header_bytes=hcm.max_request_headers_bytes,
+            max_headers=hcm.max_headers_count,
+            drop_hop_by_hop=True,
         )
         self.stream: "ActiveStream | None" = None
         self.remote_ip = ""
@@ -149,8 +151,7 @@ class Http1ServerConnection(asyncio.Protocol):
 
     def on_request_head(self, head: Any) -> None:
         self._headers_deadline = 0.0
-        head.scheme = self.scheme
-        strip_hop_by_hop(head.headers)
+        head.scheme = self.scheme  # the parser left the hop-by-hop headers out
         self._keep_alive = head.keep_alive and not self.draining
         self._head_request = head.method == "HEAD"
         self._request_has_body = head.chunked or bool(head.content_length)
@@ -259,7 +260,8 @@ class Http1ServerConnection(asyncio.Protocol):
         if self.stream is not stream:
             return
         self.stream = None
-        self._flush_head()
+        if self._pending_head is not None:
+            self._flush_head()
         if self.closed:
             return
         if not stream.response_complete:

@@ -322,8 +322,10 @@ class Router(HttpFilter):
         self.done = True
         self.upstream = None
         # The helpers' own tests, inlined: this runs per request.
-        if self.timer is not None:
-            self._cancel_timer()
+        timer = self.timer
+        if timer is not None:
+            timer.cancel()
+            self.timer = None
         if self.try_timer is not None:
             self._cancel_try_timer()
         if self.retries_held:
