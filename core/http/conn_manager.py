@@ -604,6 +604,12 @@ class ActiveStream:
                 log.error("filter %r raised in on_destroy: %r", self.hcm.filter_factories[index].extension_name, exc)
         for observer in self.hcm.stream_observers:
             observer(self)
+        # The filters refer to the stream (filter.stream) and the stream to
+        # them: drop the stream's side, so that reference counting frees a
+        # finished request at once instead of leaving every request's objects
+        # to the cyclic garbage collector (which showed in profiles).
+        self.filters = []
+        self._watermark_listeners = ()
         if self._reading_paused:
             self._reading_paused = False
             self.connection.resume_reading()

@@ -35,21 +35,28 @@ class Headers(list):
     def set(self, name: str, value: str) -> None:
         """Replace every ``name`` header with one ``name: value`` (at the end)."""
         name = name.lower()
-        for k, _ in self:
-            if k == name:
-                self[:] = [kv for kv in self if kv[0] != name]
-                break
+        self.remove_all(name)
         self.append((name, value))
 
     def remove_all(self, name: str) -> int:
         """Remove every ``name`` header; returns how many were removed."""
-        # Usually there is none: a scan is cheaper than building a new list.
+        # Usually there is none, or one: find it and delete it in place, and
+        # build a new list only when there are more (the core calls this on
+        # every response, for ``server``).
+        i = 0
+        for k, _ in self:
+            if k == name:
+                break
+            i += 1
+        else:
+            return 0
+        del self[i]
         for k, _ in self:
             if k == name:
                 before = len(self)
                 self[:] = [kv for kv in self if kv[0] != name]
-                return before - len(self)
-        return 0
+                return 1 + before - len(self)
+        return 1
 
     def has(self, name: str) -> bool:
         for k, _ in self:
