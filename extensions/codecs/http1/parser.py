@@ -1024,29 +1024,33 @@ def _check_out_name(name: str) -> None:
         _OUT_NAMES.add(name)
 
 
-def _finish(parts: list[str], crlfs: int) -> bytes:
-    """Join once, and refuse anything that would add a line of its own.
+def _finish(lines: list[str]) -> bytes:
+    """Join a head's lines with CRLFs and end it, refusing any line that
+    holds a CR, LF or NUL of its own (it would split or cut the message).
 
-    Exactly ``crlfs`` CRLFs were written by the serialiser; any extra CR or
-    LF came from a name or value and would split the message.
+    The check runs on the lines joined without separators: ``in`` finds a
+    character with memchr, where counting CRs and LFs in the finished text
+    walked it character by character (a tenth of a serialisation's cost).
     """
-    text = "".join(parts)
-    if text.count("\r") != crlfs or text.count("\n") != crlfs or "\x00" in text:
+    flat = "".join(lines)
+    if "\r" in flat or "\n" in flat or "\x00" in flat:
         raise ValueError("CR, LF or NUL in a header name or value, method, path or reason")
-    return text.encode("latin-1")  # UnicodeEncodeError is a ValueError
+    lines.append("")  # the empty line that ends the head
+    lines.append("")
+    return "\r\n".join(lines).encode("latin-1")  # UnicodeEncodeError is a ValueError
 
 
 # No cache of encoded field lines here, unlike the parser's: a (name, value)
 # key also matches a str subclass with equal content, which an f-string may
 # write differently (a (str, Enum) member writes as "Cls.NAME"), and checking
 # exact types per field costs about what the cache saves.
-def _append_fields(parts: list[str], headers: Headers) -> None:
-    append = parts.append
+def _append_fields(lines: list[str], headers: Headers) -> None:
+    append = lines.append
     known = _OUT_NAMES
     for name, value in headers:
         if name not in known:
             _check_out_name(name)
-        append(f"{name}: {value}\r\n")
+        append(f"{name}: {value}")
 
 
 def serialize_request_head(head: RequestHead) -> bytes:
@@ -1059,10 +1063,9 @@ def serialize_request_head(head: RequestHead) -> bytes:
         raise ValueError(f"invalid method {method!r}")
     if not path or " " in path or "\t" in path:
         raise ValueError(f"invalid request path {path!r}")
-    parts = [f"{method} {path} HTTP/1.1\r\nhost: {head.authority}\r\n"]
-    _append_fields(parts, head.headers)
-    parts.append("\r\n")
-    return _finish(parts, len(head.headers) + 3)
+    lines = [f"{method} {path} HTTP/1.1", f"host: {head.authority}"]
+    _append_fields(lines, head.headers)
+    return _finish(lines)
 
 
 def serialize_response_head(head: ResponseHead) -> bytes:
@@ -1072,10 +1075,9 @@ def serialize_response_head(head: ResponseHead) -> bytes:
     if type(status) is not int or not 100 <= status <= 999:
         raise ValueError(f"invalid status {status!r}")
     reason = head.reason or _REASONS.get(status, "")
-    parts = [f"HTTP/1.1 {status} {reason}\r\n"]
-    _append_fields(parts, head.headers)
-    parts.append("\r\n")
-    return _finish(parts, len(head.headers) + 2)
+    lines = [f"HTTP/1.1 {status} {reason}"]
+    _append_fields(lines, head.headers)
+    return _finish(lines)
 
 
 def encode_chunk(data: bytes) -> bytes:
@@ -1090,7 +1092,6 @@ def encode_trailers(trailers: Headers) -> bytes:
     """The last chunk followed by ``trailers`` and the final CRLF."""
     if not trailers:
         return LAST_CHUNK
-    parts = ["0\r\n"]
-    _append_fields(parts, trailers)
-    parts.append("\r\n")
-    return _finish(parts, len(trailers) + 2)
+    lines = ["0"]
+    _append_fields(lines, trailers)
+    return _finish(lines)
