@@ -58,7 +58,9 @@ def finish_hop_by_hop(headers: Headers, removed: list[tuple[str, str]]) -> None:
     keep_te = None
     for name, value in removed:
         if name == "connection":
-            named = connection_named(value)
+            named = _NAMED_CACHE.get(value)  # connection_named(), inlined for a known value
+            if named is None:
+                named = connection_named(value)
             if named:
                 drop = named if drop is None else drop | named
         elif name == "te" and value.strip().lower() == "trailers":

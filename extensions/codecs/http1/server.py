@@ -26,6 +26,10 @@ _NO_BODY_STATUSES = frozenset((204, 304))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Bytes of unparsed pipelined input we hold before we stop reading the socket.
 _MAX_BUFFERED_INPUT = 256 * 1024
+# A held response head is joined to a body chunk up to this size; past it the
+# two go out in one writelines (one writev with uvloop), so that a large body
+# is not copied just to put the head in front of it.
+_JOIN_MAX = 4096
 
 
 def error_response(status: int, body: str) -> bytes:
@@ -233,9 +237,14 @@ class Http1ServerConnection(asyncio.Protocol):
                 out += LAST_CHUNK
         else:
             out = data
-        if self._pending_head is not None:
-            out = self._pending_head + out
+        head = self._pending_head
+        if head is not None:
             self._pending_head = None
+            if len(out) > _JOIN_MAX:
+                # One writev for both, without copying a large body behind the head.
+                self._write_two(head, out)
+                return
+            out = head + out
         if out:
             self._write(out)
 
@@ -254,6 +263,11 @@ class Http1ServerConnection(asyncio.Protocol):
         if not self.closed:
             self.stats.downstream_cx_tx_bytes_total.value += len(data)
             self.transport.write(data)  # type: ignore[union-attr]
+
+    def _write_two(self, first: bytes, second: bytes) -> None:
+        if not self.closed:
+            self.stats.downstream_cx_tx_bytes_total.value += len(first) + len(second)
+            self.transport.writelines((first, second))  # type: ignore[union-attr]
 
     def stream_done(self, stream: "ActiveStream") -> None:
         """The stream finished (its response is written) or was reset."""
