@@ -379,8 +379,7 @@ class ActiveStream:
         if not self.hcm.response_phases[_HEADERS]:  # no filter reads response heads: straight to the codec
             self._write(_HEADERS, response, end_stream)
             return
-        # Response events start at the filter before the one answering.
-        self._encode(_HEADERS, (len(self.filters) if from_filter is None else from_filter) - 1, response, end_stream)
+        self._encode(_HEADERS, self._encode_start(from_filter), response, end_stream)
 
     def encode_body(self, chunk: bytes, end_stream: bool, from_filter: int | None = None) -> None:
         if self._resp_stopped is not None:
@@ -390,13 +389,17 @@ class ActiveStream:
             if not self.destroyed:
                 self._write(_BODY, chunk, end_stream)
             return
-        self._encode(_BODY, (len(self.filters) if from_filter is None else from_filter) - 1, chunk, end_stream)
+        self._encode(_BODY, self._encode_start(from_filter), chunk, end_stream)
 
     def encode_trailers(self, trailers: Headers, from_filter: int | None = None) -> None:
         if self._resp_stopped is not None:
             self._resp_pending.append((_TRAILERS, trailers, True))  # type: ignore[union-attr]
             return
-        self._encode(_TRAILERS, (len(self.filters) if from_filter is None else from_filter) - 1, trailers, True)
+        self._encode(_TRAILERS, self._encode_start(from_filter), trailers, True)
+
+    def _encode_start(self, from_filter: int | None) -> int:
+        # Response events start at the filter before the one answering.
+        return (len(self.filters) if from_filter is None else from_filter) - 1
 
     def _encode(self, kind: int, start: int, payload: Any, end_stream: bool) -> None:
         if self.destroyed:
