@@ -112,6 +112,7 @@ class Cluster:
         self._ctx = ctx
         self._codec: Any = None
         self._pools: dict[tuple[Host, Any], ConnectionPool] = {}
+        self._host_pools: dict[Host, ConnectionPool] = {}  # for this cluster's own codec
 
     def choose_host(self, context: Any = None) -> Host | None:
         return self.lb.choose(context)
@@ -144,10 +145,18 @@ class Cluster:
             pool = self._pools[key] = ConnectionPool(self, host, codec.client_protocol_factory)
         return pool
 
+    def pool_for(self, host: Host) -> ConnectionPool:
+        """``pool(host, self.codec)``, with one dict lookup (per request)."""
+        pool = self._host_pools.get(host)
+        if pool is None:
+            pool = self._host_pools[host] = self.pool(host, self.codec)
+        return pool
+
     def close(self) -> None:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+        self._host_pools.clear()
 
 
 class ClusterManager:

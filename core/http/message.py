@@ -33,16 +33,30 @@ class Headers(list):
         self.append((name.lower(), value))
 
     def set(self, name: str, value: str) -> None:
-        """Replace every ``name`` header with one ``name: value``."""
+        """Replace every ``name`` header with one ``name: value`` (at the end)."""
         name = name.lower()
         self.remove_all(name)
         self.append((name, value))
 
     def remove_all(self, name: str) -> int:
         """Remove every ``name`` header; returns how many were removed."""
-        before = len(self)
-        self[:] = [kv for kv in self if kv[0] != name]
-        return before - len(self)
+        # Usually there is none, or one: find it and delete it in place, and
+        # build a new list only when there are more (the core calls this on
+        # every response, for ``server``).
+        i = 0
+        for k, _ in self:
+            if k == name:
+                break
+            i += 1
+        else:
+            return 0
+        del self[i]
+        for k, _ in self:
+            if k == name:
+                before = len(self)
+                self[:] = [kv for kv in self if kv[0] != name]
+                return 1 + before - len(self)
+        return 1
 
     def has(self, name: str) -> bool:
         for k, _ in self:

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 from outrider.http.message import Headers, RequestHead
 
-from .framing import strip_hop_by_hop
 from .parser import LAST_CHUNK, ParseError, ResponseParser, encode_chunk, encode_trailers, serialize_request_head
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,7 +40,7 @@ class Http1ClientConnection(asyncio.Protocol):
         self.pool = pool
         self.stats = pool.cluster.stats
         self.transport: asyncio.Transport | None = None
-        self.parser = ResponseParser(self)
+        self.parser = ResponseParser(self, drop_hop_by_hop=True)
         self.handler: Any = None
         self.closed = False
         self.requests = 0
@@ -174,7 +173,7 @@ class Http1ClientConnection(asyncio.Protocol):
         pass
 
     def on_response_head(self, head: Any) -> None:
-        strip_hop_by_hop(head.headers)
+        # The parser left the hop-by-hop headers out.
         self._keep_alive = head.keep_alive
         ended = (
             self._method == "HEAD"

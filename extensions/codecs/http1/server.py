@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from outrider.http.message import Headers, ResponseHead
 
-from .framing import strip_hop_by_hop
 from .parser import LAST_CHUNK, ParseError, RequestParser, encode_chunk, encode_trailers, serialize_response_head
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,6 +26,10 @@ _NO_BODY_STATUSES = frozenset((204, 304))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Bytes of unparsed pipelined input we hold before we stop reading the socket.
 _MAX_BUFFERED_INPUT = 256 * 1024
+# A held response head is joined to a body chunk up to this size; past it the
+# two go out in one writelines (one writev with uvloop), so that a large body
+# is not copied just to put the head in front of it.
+_JOIN_MAX = 4096
 
 
 def error_response(status: int, body: str) -> bytes:
@@ -48,7 +51,10 @@ class Http1ServerConnection(asyncio.Protocol):
         self.stats = hcm.stats
         self.transport: asyncio.Transport | None = None
         self.parser = RequestParser(
-            self, max_header_bytes=hcm.max_request_headers_bytes, max_headers=hcm.max_headers_count
+            self,
+            max_header_bytes=hcm.max_request_headers_bytes,
+            max_headers=hcm.max_headers_count,
+            drop_hop_by_hop=True,
         )
         self.stream: "ActiveStream | None" = None
         self.remote_ip = ""
@@ -149,8 +155,7 @@ class Http1ServerConnection(asyncio.Protocol):
 
     def on_request_head(self, head: Any) -> None:
         self._headers_deadline = 0.0
-        head.scheme = self.scheme
-        strip_hop_by_hop(head.headers)
+        head.scheme = self.scheme  # the parser left the hop-by-hop headers out
         self._keep_alive = head.keep_alive and not self.draining
         self._head_request = head.method == "HEAD"
         self._request_has_body = head.chunked or bool(head.content_length)
@@ -232,9 +237,14 @@ class Http1ServerConnection(asyncio.Protocol):
                 out += LAST_CHUNK
         else:
             out = data
-        if self._pending_head is not None:
-            out = self._pending_head + out
+        head = self._pending_head
+        if head is not None:
             self._pending_head = None
+            if len(out) > _JOIN_MAX:
+                # One writev for both, without copying a large body behind the head.
+                self._write_two(head, out)
+                return
+            out = head + out
         if out:
             self._write(out)
 
@@ -254,12 +264,18 @@ class Http1ServerConnection(asyncio.Protocol):
             self.stats.downstream_cx_tx_bytes_total.value += len(data)
             self.transport.write(data)  # type: ignore[union-attr]
 
+    def _write_two(self, first: bytes, second: bytes) -> None:
+        if not self.closed:
+            self.stats.downstream_cx_tx_bytes_total.value += len(first) + len(second)
+            self.transport.writelines((first, second))  # type: ignore[union-attr]
+
     def stream_done(self, stream: "ActiveStream") -> None:
         """The stream finished (its response is written) or was reset."""
         if self.stream is not stream:
             return
         self.stream = None
-        self._flush_head()
+        if self._pending_head is not None:
+            self._flush_head()
         if self.closed:
             return
         if not stream.response_complete:

@@ -111,18 +111,17 @@ class Router(HttpFilter):
             location = route.redirect.location(request, route)
             stream.send_local_reply(route.redirect.status, "", headers=[("location", location)], details="redirect")
             return STOP
-        cluster_name = route.pick_cluster()
+        cluster_name = route.cluster
+        if cluster_name is None:  # weighted_clusters
+            cluster_name = route.pick_cluster()
         cluster = self.config.cluster_manager.get(cluster_name)
         if cluster is None:
             stream.send_local_reply(503, "no such cluster\n", details="cluster_not_found", flag="NC")
             return STOP
         self.cluster = cluster
         stream.upstream_cluster = cluster_name
-        vhost_ops = route.vhost.request_header_ops
-        if vhost_ops:
-            vhost_ops.apply(request.headers)
-        if route.request_header_ops:
-            route.request_header_ops.apply(request.headers)
+        for ops in route.request_header_chain:
+            ops.apply(request.headers)
         if route.prefix_rewrite is not None:
             new_path = route.rewrite_path(request.path)
             if new_path != request.path:
@@ -179,7 +178,7 @@ class Router(HttpFilter):
             stats.upstream_rq_pending_overflow.value += 1
             self._fail(503, "upstream overflow\n", "upstream_max_requests_overflow", "UO")
             return
-        host = cluster.choose_host(self.request)
+        host = cluster.lb.choose(self.request)  # cluster.choose_host(), inlined
         if host is None:
             stats.upstream_cx_none_healthy.value += 1
             self._fail(503, "no healthy upstream\n", "no_healthy_upstream", "UH")
@@ -278,7 +277,8 @@ class Router(HttpFilter):
 
     def on_upstream_headers(self, upstream: "UpstreamRequest", head: ResponseHead, end_stream: bool) -> bool:
         """Returns False when the response is discarded for a retry."""
-        self._cancel_try_timer()
+        if self.try_timer is not None:
+            self._cancel_try_timer()
         retry = self.retry
         if (
             retry is not None
@@ -295,7 +295,8 @@ class Router(HttpFilter):
             self.cluster.stats.upstream_rq_retry_success.value += 1
         now = time.monotonic()
         self.stream.upstream_first_byte_time = now  # access logs' %RESPONSE_DURATION%
-        self._finalize_response(head)
+        if self.route.response_header_chain:
+            self._finalize_response(head)
         if not self.config.suppress_envoy_headers:
             head.headers.append(("x-envoy-upstream-service-time", str(int((now - upstream.start_time) * 1000.0))))
         if end_stream:
@@ -313,21 +314,23 @@ class Router(HttpFilter):
         self.stream.encode_trailers(trailers)
 
     def _finalize_response(self, head: ResponseHead) -> None:
-        route = self.route
-        if route.response_header_ops:
-            route.response_header_ops.apply(head.headers)
-        vhost_ops = route.vhost.response_header_ops
-        if vhost_ops:
-            vhost_ops.apply(head.headers)
+        for ops in self.route.response_header_chain:
+            ops.apply(head.headers)
 
     def _finished(self) -> None:
         # Before the last event goes downstream: finishing the response
         # destroys the stream, and on_destroy must see a finished upstream.
         self.done = True
         self.upstream = None
-        self._cancel_timer()
-        self._cancel_try_timer()
-        self._release_retries()
+        # The helpers' own tests, inlined: this runs per request.
+        timer = self.timer
+        if timer is not None:
+            timer.cancel()
+            self.timer = None
+        if self.try_timer is not None:
+            self._cancel_try_timer()
+        if self.retries_held:
+            self._release_retries()
 
     # -- flow control ---------------------------------------------------------
 
@@ -365,6 +368,8 @@ class Router(HttpFilter):
             self.timer = None
 
     def on_destroy(self) -> None:
+        if self.done and self.upstream is None and self.timer is None and self.try_timer is None and not self.retries_held:
+            return  # _finished() released everything (the usual case)
         self._cancel_timer()
         self._cancel_try_timer()
         self._release_retries()
@@ -406,8 +411,8 @@ class UpstreamRequest:
         self.host.active_requests += 1
         self.started = True
         self.start_time = time.monotonic()
-        self.pool = cluster.pool(self.host, cluster.codec)
-        self.pool.acquire(self)
+        pool = self.pool = cluster.pool_for(self.host)
+        pool.acquire(self)
 
     def elapsed_ms(self) -> float:
         return (time.monotonic() - self.start_time) * 1000.0
@@ -449,8 +454,12 @@ class UpstreamRequest:
 
     def _complete(self) -> None:
         self.complete = True
-        self.cluster.stats.upstream_rq_time.record(self.elapsed_ms())
-        self._end()
+        stats = self.cluster.stats
+        stats.upstream_rq_time.record((time.monotonic() - self.start_time) * 1000.0)  # elapsed_ms(), inlined
+        if self.started:  # _end(), inlined: this runs per request
+            self.started = False
+            stats.upstream_rq_active.value -= 1
+            self.host.active_requests -= 1
 
     def on_upstream_reset(self, reason: str, detail: str) -> None:
         self._end()

@@ -249,6 +249,31 @@ def test_hop_by_hop_response_headers_are_not_forwarded(proxy):
     assert out.endswith(b"ok")
 
 
+@pytest.mark.parametrize("size", [12, 16 * 1024])
+def test_response_head_and_body_read_together_go_out_whole(proxy, size):
+    # A small body is joined to the held head; a large one goes out with it
+    # in one writelines. Either way the client gets the head, then exactly
+    # the body, on a connection that stays usable.
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+
+    def answer(data: bytes, transport) -> None:
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (size, body))
+
+    server, upstream_port, _ = start_raw(answer)
+    try:
+        port = free_port()
+        proxy.start(simple_config(port, upstream_port))
+        request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        out = raw_exchange(port, request + request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    finally:
+        server.stop()
+    first, _, rest = out.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200") and b"content-length: %d" % size in first.lower()
+    assert rest[:size] == body
+    second, _, rest = rest[size:].partition(b"\r\n\r\n")
+    assert second.startswith(b"HTTP/1.1 200") and rest == body
+
+
 SMUGGLING = {
     "both_content_length_and_transfer_encoding": (
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n"

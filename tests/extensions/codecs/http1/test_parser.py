@@ -1031,3 +1031,40 @@ def test_serialize_response_refuses_bad_status():
         serialize_response_head(ResponseHead(99, Headers()))
     with pytest.raises(ValueError):
         serialize_response_head(ResponseHead("200", Headers()))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------
+# drop_hop_by_hop: what the codecs use; the same result as strip_hop_by_hop
+
+
+_HOP_BY_HOP_HEADS = [
+    ["Connection: keep-alive", "X-A: 1"],
+    ["Keep-Alive: timeout=5", "X-A: 1", "Connection: Keep-Alive, X-A, X-B", "X-B: 2", "X-C: 3"],
+    ["TE: trailers", "X-A: 1", "Upgrade: websocket", "Connection: upgrade"],
+    ["TE: gzip", "Proxy-Connection: keep-alive", "Trailer: X-T", "X-A: 1"],
+    ["Connection: te", "TE: trailers", "X-A: 1"],
+    ["X-A: 1", "X-B: 2"],
+    ["Connection: close, content-length", "Content-Length: 0", "X-A: 1"],
+]
+
+
+@pytest.mark.parametrize("fields", _HOP_BY_HOP_HEADS)
+def test_drop_hop_by_hop_matches_strip_hop_by_hop(fields):
+    from outrider.extensions.codecs.http1.framing import strip_hop_by_hop
+
+    request = ("\r\n".join(["GET / HTTP/1.1", "Host: h", *fields]) + "\r\n\r\n").encode()
+    framing = [] if "Content-Length: 0" in fields else ["Content-Length: 0"]
+    response = ("\r\n".join(["HTTP/1.1 200 OK", *fields, *framing]) + "\r\n\r\n").encode()
+    for parse in (
+        lambda **kw: parse_request(request, **kw).heads()[0],
+        lambda **kw: parse_response(response, "GET", **kw).heads()[0],
+    ):
+        full, dropped = parse(), parse(drop_hop_by_hop=True)
+        stripped = Headers(full.headers)
+        strip_hop_by_hop(stripped)
+        assert list(dropped.headers) == list(stripped)
+        # Framing still sees the dropped fields.
+        assert dropped.keep_alive == full.keep_alive
+        assert {k: v for k, v in describe(dropped).items() if k != "headers"} == {
+            k: v for k, v in describe(full).items() if k != "headers"
+        }
