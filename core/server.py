@@ -171,6 +171,7 @@ class Server:
         access_logs = build_access_logs(refs, ctx)
         if listener.http is not None:
             listener.http.stream_observers.append(access_logs.observe)
+            listener.http.rejected_request_observers.append(access_logs.observe)
         elif getattr(listener.handler, "supports_access_log", False):
             listener.access_log = access_logs.observe
         else:

@@ -173,6 +173,9 @@ class HttpConnectionManager:
         # The terminal filter ends the chain: its STOP holds nothing back.
         self.terminal_index = len(classes) - 1
         self.stream_observers: list[Callable[["ActiveStream"], None]] = []
+        #: Called with a :class:`RejectedRequest` for each request the codec
+        #: refused before it became a stream (the access logs).
+        self.rejected_request_observers: list[Callable[["RejectedRequest"], None]] = []
         # -- tracing (core/tracing.py) --
         #: The server's ``tracing:``, or ``None``: then tracing costs one
         #: test per request (in decode_headers).
@@ -189,8 +192,41 @@ class HttpConnectionManager:
             self.debug = DebugPolicy(config["debug"], self)
             self.new_stream = self.debug.new_stream  # type: ignore[method-assign]
 
+    def request_rejected(self, connection: Any, status: int, details: str, bytes_sent: int) -> None:
+        """The codec answered ``status`` to a request head it could not
+        accept and is closing the connection: log it like a finished stream."""
+        if self.rejected_request_observers:
+            record = RejectedRequest(connection, status, details, bytes_sent)
+            for observer in self.rejected_request_observers:
+                observer(record)
+
     def new_stream(self, connection: Any, request: RequestHead) -> "ActiveStream":
         return ActiveStream(self, connection, request)
+
+
+class RejectedRequest:
+    """A request the codec refused before it became a stream (a malformed or
+    oversized head), as the access logs see it: no request or route, the
+    codec's error response, and Envoy's flag ``DPE`` (downstream protocol
+    error). The fields are those of ``outrider.access_log.AccessLogInfo``."""
+
+    request = None
+    response_trailers = None
+    response_flags = ("DPE",)
+    bytes_received = 0
+    upstream_first_byte_time = 0.0
+    upstream_host = None
+    upstream_cluster = None
+    route = None
+    request_id = ""
+    is_health_check = False
+
+    def __init__(self, connection: Any, status: int, details: str, bytes_sent: int) -> None:
+        self.connection = connection
+        self.response = ResponseHead(status, Headers())
+        self.response_code_details = details
+        self.bytes_sent = bytes_sent
+        self.start_time = self.request_end_time = time.monotonic()
 
 
 class ActiveStream:

@@ -330,8 +330,10 @@ class Http1ServerConnection(asyncio.Protocol):
             self.close()
         elif stream is not None:
             stream.reset(f"http1.{err.reason}")
-        else:
-            self._write(error_response(err.status, f"{err.reason}\n"))
+        else:  # the head itself: no stream to answer through
+            body = f"{err.reason}\n"
+            self._write(error_response(err.status, body))
+            self.hcm.request_rejected(self, err.status, f"http1.{err.reason}", len(body))
             self.close()
 
     def _arm_idle_timer(self) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from support import free_port, start_raw
+from support import free_port, raw_exchange, start_raw
 
 FIELDS = (
     "code flags details method path protocol rx tx duration request_duration response_duration "
@@ -166,6 +166,30 @@ def test_lines_for_2xx_404_503_504_and_a_body(proxy, upstream, tmp_path):
 
     assert proc.stat("access_logs.file.write_failed") == 0
     assert proc.stat("access_logs.file.dropped") == 0
+
+
+def test_a_refused_request_head_is_logged_with_dpe(proxy, upstream, tmp_path):
+    """Smuggling shapes and oversized heads never become streams; they are
+    still logged: the codec's status, flag DPE, its reason, no upstream."""
+    port = free_port()
+    custom = tmp_path / "custom.log"
+    access_log = "    access_log:\n" + file_log(custom, f", format: '{FORMAT}'")
+    proc = proxy.start(http_config(port, upstream[0], access_log))
+
+    smuggled = (b"POST /app HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert raw_exchange(port, smuggled).startswith(b"HTTP/1.1 400 ")
+    too_many = b"GET /app HTTP/1.1\r\nHost: x\r\n" + b"".join(b"x-%d: 1\r\n" % i for i in range(150)) + b"\r\n"
+    assert raw_exchange(port, too_many).startswith(b"HTTP/1.1 431 ")
+
+    first, second = (fields(line) for line in wait_lines(custom, 2))
+    for f, code in ((first, "400"), (second, "431")):
+        assert (f["code"], f["flags"], f["method"], f["path"], f["protocol"]) == (code, "DPE", "-", "-", "-")
+        assert f["details"].startswith("http1.")
+        assert (f["upstream_host"], f["cluster"], f["route"], f["request_id"]) == ("-", "-", "-", "-")
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", f["remote"])
+        assert int(f["tx"]) > 0
+    assert proc.stat("http.web.downstream_cx_protocol_error") == 2
 
 
 def test_json_format_lines_parse_with_typed_values(proxy, upstream, tmp_path):
