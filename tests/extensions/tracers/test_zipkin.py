@@ -302,6 +302,28 @@ def test_errors_are_tagged_on_both_spans(proxy, collector):
     assert by_url(spans, "/stall")[0]["tags"]["response_flags"] == "UT"
 
 
+def test_a_per_try_timeout_ends_its_attempt_span_and_the_retry_gets_its_own(proxy, upstream, collector):
+    server, stall_port, _ = start_raw(lambda data, transport: None)  # never answers
+    try:
+        port = free_port()
+        proxy.start(config(port, [f"127.0.0.1:{stall_port}", f"127.0.0.1:{upstream[0]}"], "zipkin",
+                           tracer(collector.url("/api/v2/spans")),
+                           route_extra=", retry_policy: {retry_on: [5xx], num_retries: 1, per_try_timeout: 200ms}"))
+        assert httpx.get(f"http://127.0.0.1:{port}/slow-first").status_code == 200
+        spans = collector.wait_spans(zipkin_spans, 3)
+    finally:
+        server.stop()
+    [server_span] = by_url(spans, "/slow-first")
+    first, second = sorted(children(spans, server_span), key=lambda s: s["timestamp"])
+    assert first["tags"]["upstream_address"] == f"127.0.0.1:{stall_port}"
+    assert first["tags"]["error"] == "per_try_timeout" and "http.status_code" not in first["tags"]
+    assert 150_000 <= first["duration"] < 2_000_000  # microseconds: the 200ms per-try timeout
+    assert second["tags"]["upstream_address"] == f"127.0.0.1:{upstream[0]}"
+    assert second["tags"]["http.status_code"] == "200" and "error" not in second["tags"]
+    assert second["timestamp"] >= first["timestamp"] + first["duration"] - 1000
+    assert server_span["tags"]["http.status_code"] == "200"
+
+
 def timed_requests(port: int, count: int) -> list[float]:
     """``count`` sequential GETs on one connection; each one's seconds (all must be 200)."""
     took = []
