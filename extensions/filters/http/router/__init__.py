@@ -414,10 +414,10 @@ class UpstreamRequest:
         pool = self.pool = cluster.pool_for(self.host)
         pool.acquire(self)
 
-    def elapsed_ms(self) -> float:
-        return (time.monotonic() - self.start_time) * 1000.0
-
     def _end(self) -> None:
+        """Every way an attempt ends (a whole response, a failure, a reset,
+        abandonment) comes through here; it counts the attempt out once.
+        Subclasses (tracing.py) hook the end of an attempt here."""
         if self.started:
             self.started = False
             self.cluster.stats.upstream_rq_active.value -= 1
@@ -454,12 +454,8 @@ class UpstreamRequest:
 
     def _complete(self) -> None:
         self.complete = True
-        stats = self.cluster.stats
-        stats.upstream_rq_time.record((time.monotonic() - self.start_time) * 1000.0)  # elapsed_ms(), inlined
-        if self.started:  # _end(), inlined: this runs per request
-            self.started = False
-            stats.upstream_rq_active.value -= 1
-            self.host.active_requests -= 1
+        self.cluster.stats.upstream_rq_time.record((time.monotonic() - self.start_time) * 1000.0)
+        self._end()
 
     def on_upstream_reset(self, reason: str, detail: str) -> None:
         self._end()

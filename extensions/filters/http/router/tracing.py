@@ -66,16 +66,8 @@ class TracedUpstreamRequest(UpstreamRequest):
             span.set_tag("error", reason)
         super().abandon(reason)
 
-    # An attempt ends exactly once, through _complete (a whole response; it
-    # inlines _end for speed) or _end (failure, reset, abandon); both clear
-    # ``started``, so the span finishes once.
-    def _complete(self) -> None:
-        if self.started:
-            self.span.finish()
-        super()._complete()
-
     def _end(self) -> None:
-        if self.started:
+        if self.started:  # every way an attempt ends comes through here once
             self.span.finish()
         super()._end()
 
