@@ -16,6 +16,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..access_log import LogInfoDefaults
 from ..stats import StatsGroup
 from ..timeouts import Timeout, TimeoutQueue
 from .filter import STOP, HttpFilter, HttpFilterFactory, overrides
@@ -204,22 +205,14 @@ class HttpConnectionManager:
         return ActiveStream(self, connection, request)
 
 
-class RejectedRequest:
+class RejectedRequest(LogInfoDefaults):
     """A request the codec refused before it became a stream (a malformed or
     oversized head), as the access logs see it: no request or route, the
     codec's error response, and Envoy's flag ``DPE`` (downstream protocol
-    error). The fields are those of ``outrider.access_log.AccessLogInfo``."""
+    error)."""
 
-    request = None
-    response_trailers = None
     response_flags = ("DPE",)
-    bytes_received = 0
-    upstream_first_byte_time = 0.0
-    upstream_host = None
-    upstream_cluster = None
-    route = None
-    request_id = ""
-    is_health_check = False
+    connection: Any = None  # the codec's connection, not the record itself
 
     def __init__(self, connection: Any, status: int, details: str, bytes_sent: int) -> None:
         self.connection = connection
