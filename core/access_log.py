@@ -70,7 +70,7 @@ class AccessLogInfo(Protocol):
     request_end_time: float
     #: When the upstream's response head arrived (0.0: no upstream response).
     upstream_first_byte_time: float
-    #: ``None`` for TCP.
+    #: ``None`` for TCP, and for a request head the codec refused (flag DPE).
     request: "RequestHead | None"
     #: ``None`` when no response was sent (e.g. the client went away first).
     response: "ResponseHead | None"
