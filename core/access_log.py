@@ -9,8 +9,10 @@ an object with
 
 - ``log(info)``: called once per finished HTTP stream or TCP connection, on
   the event loop, right when it ends. ``info`` is an :class:`AccessLogInfo`.
-  Read what you need *now* (the object is reused or mutated afterwards) and
-  never block: hand the line to a buffer, not to a file.
+  Read what you need *now* (the object is reused or mutated afterwards;
+  only its ``request`` and ``response`` heads, which the core never changes
+  once the stream ended, may be kept) and never block: hand the line to a
+  buffer, not to a file.
 - ``reopen()`` (optional): reopen files (SIGUSR1, for log rotation).
 - ``close()`` (optional): flush and release everything (the server stops).
 
@@ -20,7 +22,9 @@ builds every object too. Do that lazily, on the first ``log``.
 Formatting is shared: :func:`compile_format` turns an Envoy format string
 (``%START_TIME%``, ``%REQ(:PATH)%``, ...) into a function ``info -> str``,
 :func:`compile_json_format` a ``json_format`` mapping into ``info -> dict``.
-Both parse once, at config time; per request they only call small getters.
+:func:`compile_deferred_format` splits a format string into a capture per
+stream and a rendering of many lines at once (see :class:`DeferredFormat`).
+All parse once, at config time; per request they only call small getters.
 A schema marks a format string with ``"format": "access_log_format"`` so that
 ``outrider validate`` reports a bad one at its ``file:line:column``.
 """
@@ -32,7 +36,7 @@ import logging
 import random
 import re
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Protocol
 
 from .http.routing import HeaderMatcher
 from .sinks import RateLimitedLog
@@ -253,10 +257,10 @@ def _scan(headers: "Headers", name: str) -> str | None:
 
 
 def _request_id(info: Any) -> str | None:
-    rid = info.request_id
-    if rid:
-        return rid
-    request = info.request
+    return info.request_id or _request_id_header(info.request)
+
+
+def _request_id_header(request: Any) -> str | None:
     return _scan(request.headers, "x-request-id") if request is not None else None
 
 
@@ -293,7 +297,7 @@ def _request_header_inline(name: str) -> str | None:
     if name in _PSEUDO_GETTERS:
         return _PSEUDO_GETTERS[name][1]
     if name == "x-request-id":
-        return "(info.request_id or _request_id(info))"
+        return "(info.request_id or _request_id_header(_req))"
     if "'" in name:
         return None  # the getter is called instead
     return f"(_scan(_req.headers, '{name}') if _req is not None else None)"
@@ -345,14 +349,14 @@ _MILLIS_Z = tuple(f"{ms:03d}Z" for ms in range(1000))
 _clock: list[Any] = [-1, "", 0.0]
 
 
-def _start_wall(info: Any) -> tuple[float, int]:
+def _start_wall(start_time: float) -> tuple[float, int]:
     """(wall-clock start, its whole second), refreshing the cache on a new second."""
     clock = _clock
-    wall = info.start_time + clock[2]
+    wall = start_time + clock[2]
     sec = int(wall)
     if sec != clock[0]:
         clock[2] = _time() - _monotonic()
-        wall = info.start_time + clock[2]
+        wall = start_time + clock[2]
         sec = int(wall)
         clock[1] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
         clock[0] = sec
@@ -400,7 +404,7 @@ def _compile_start_time(fmt: str, offset: int) -> Getter:
     cache: list[Any] = [None, []]  # [second, rendered "t" pieces]
 
     def get(info: Any) -> str:
-        wall, sec = _start_wall(info)
+        wall, sec = _start_wall(info.start_time)
         if cache[0] != sec:
             tm = time.gmtime(sec)
             cache[1] = [time.strftime(p[1], tm) if p[0] == "t" else None for p in pieces]
@@ -420,11 +424,15 @@ def _compile_start_time(fmt: str, offset: int) -> Getter:
 
 def _default_start_time(info: Any) -> str:
     """``%START_TIME%``: ``2024-05-01T12:00:00.123Z`` (UTC, milliseconds)."""
+    return _default_start_time_of(info.start_time)
+
+
+def _default_start_time_of(start_time: float) -> str:
     clock = _clock
-    wall = info.start_time + clock[2]
+    wall = start_time + clock[2]
     sec = int(wall)
     if sec != clock[0]:
-        wall, sec = _start_wall(info)
+        wall, sec = _start_wall(start_time)
     text = clock[1] + _MILLIS_Z[int((wall - sec) * 1000)]
     _last_ms[0] = int(wall * 1000)
     _last_ms[1] = text
@@ -447,7 +455,7 @@ _SIMPLE: dict[str, tuple[Getter, bool, str | None]] = {
     "RESPONSE_FLAGS": (_flags, False, "(_join(_f) if (_f := info.response_flags) else None)"),
     "BYTES_RECEIVED": (_bytes_received, True, "info.bytes_received"),
     "BYTES_SENT": (_bytes_sent, True, "info.bytes_sent"),
-    "DURATION": (_duration, True, "int((_monotonic() - info.start_time) * 1000)"),
+    "DURATION": (_duration, True, "int((_now - info.start_time) * 1000)"),
     "REQUEST_DURATION": (_request_duration, False, None),
     "RESPONSE_DURATION": (_response_duration, False, None),
     "RESPONSE_TX_DURATION": (_response_tx_duration, False, None),
@@ -456,12 +464,12 @@ _SIMPLE: dict[str, tuple[Getter, bool, str | None]] = {
     "DOWNSTREAM_REMOTE_ADDRESS": (_remote_address, False, None),
     "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": (_remote_ip, False, None),
     "ROUTE_NAME": (_route_name, False, None),
-    "REQ_ID": (_request_id, False, "(info.request_id or _request_id(info))"),
+    "REQ_ID": (_request_id, False, "(info.request_id or _request_id_header(_req))"),
 }
 #: What inline expressions may use besides info, _req and _resp.
 _INLINE_NAMES: dict[str, Any] = {
-    "_join": ",".join, "_monotonic": _monotonic, "_request_id": _request_id,
-    "_clock": _clock, "_default_start_time": _default_start_time, "_MILLIS_Z": _MILLIS_Z, "_last_ms": _last_ms,
+    "_join": ",".join, "_request_id_header": _request_id_header,
+    "_clock": _clock, "_default_start_time_of": _default_start_time_of, "_last_ms": _last_ms,
     "_scan": _scan,
 }
 #: Operators that take a header argument: REQ(X?Y):N and friends.
@@ -540,7 +548,7 @@ def _operator(match: re.Match[str], offset: int) -> Operator:
         return Operator(token, getter, inline=inline)
     if name == "START_TIME":
         inline = None if arg else (
-            "(_last_ms[1] if int((info.start_time + _clock[2]) * 1000) == _last_ms[0] else _default_start_time(info))"
+            "(_last_ms[1] if int((info.start_time + _clock[2]) * 1000) == _last_ms[0] else _default_start_time_of(info.start_time))"
         )
         return Operator(token, _compile_start_time(arg or "", offset), never_none=True, inline=inline)
     if arg is not None:
@@ -649,6 +657,68 @@ def _one_pass(body: str, message: str, prefix: str) -> tuple[str, str]:
     return body, "\n".join(lines) + "\n"
 
 _USES_RESP = re.compile(r"\b_resp\b")
+_INFO_ATTR = re.compile(r"\binfo\.([a-z_]+)")
+_USES_NOW = re.compile(r"\b_now\b")
+
+
+class DeferredFormat(NamedTuple):
+    """A compiled format split in two, for loggers that render in batches.
+
+    ``capture(info)`` runs when the stream ends and returns a tuple of what
+    the format needs: references to existing objects (the request and
+    response heads, counters, the end time), so it allocates one tuple and
+    formats nothing. ``render(captures, append)`` later turns each captured
+    tuple into its line, calling ``append(line)``; it runs over many lines
+    in one loop, while its code and data are hot in the CPU caches.
+
+    Rendering later reads the captured heads' headers then: the core never
+    changes a request or response head after its stream has ended.
+    """
+
+    capture: Callable[[Any], tuple[Any, ...]]
+    render: Callable[[Iterable[tuple[Any, ...]], Callable[[str], Any]], None]
+
+
+def _generate(text: str | None) -> tuple[dict[str, Any], list[tuple[str, str]], str, str]:
+    """The pieces both compiled forms share: the namespace, the captured
+    values as ``(variable, expression over info)``, the statements that
+    prepare header lookups, and the f-string's body over those variables."""
+    parts = parse_format(DEFAULT_FORMAT if text is None else text)
+    namespace: dict[str, Any] = {"_D": "-", "_monotonic": _monotonic, **_INLINE_NAMES}
+    captured: dict[str, str] = {}
+    attributes: dict[str, None] = {}  # of info, in order of use
+    body = []
+    for i, part in enumerate(parts):
+        if isinstance(part, str):
+            body.append(_fstring_literal(_wire_text(part)))
+            continue
+        if part.inline is not None:
+            attributes.update(dict.fromkeys(_INFO_ATTR.findall(part.inline)))
+            expr = _INFO_ATTR.sub(lambda m: f"_i_{m.group(1)}", part.inline)
+        else:
+            # Getters without an inline form run at capture time.
+            namespace[f"_g{i}"] = part.getter
+            captured[f"_c{i}"] = f"_g{i}(info)"
+            expr = f"_c{i}"
+        body.append(f"{{{expr}}}" if part.never_none else f"{{_D if (_v{i} := {expr}) is None else _v{i}}}")
+    joined = "".join(body)
+    # Several headers of one message are found in one pass over it.
+    joined, request_pass = _one_pass(joined, "_req", "_rq")
+    joined, response_pass = _one_pass(joined, "_resp", "_rs")
+    if _USES_REQ.search(joined) or request_pass:
+        captured["_req"] = "info.request"
+    if _USES_RESP.search(joined) or response_pass:
+        captured["_resp"] = "info.response"
+    if _USES_NOW.search(joined):
+        captured["_now"] = "_monotonic()"
+    for attr in attributes:
+        captured[f"_i_{attr}"] = f"info.{attr}"
+    return namespace, list(captured.items()), request_pass + response_pass, joined
+
+
+def _define(source: str, namespace: dict[str, Any], name: str) -> Any:
+    exec(compile(source, "<access log format>", "exec"), namespace)  # noqa: S102 - our own generated code
+    return namespace[name]
 
 
 def compile_format(text: str | None = None) -> Callable[[Any], str]:
@@ -660,34 +730,29 @@ def compile_format(text: str | None = None) -> Callable[[Any], str]:
     of its getter. Per line that is a few attribute reads and calls, and no
     parsing, dict walk or list building.
     """
-    parts = parse_format(DEFAULT_FORMAT if text is None else text)
-    namespace: dict[str, Any] = {"_D": "-", **_INLINE_NAMES}
-    body = []
-    for i, part in enumerate(parts):
-        if isinstance(part, str):
-            body.append(_fstring_literal(_wire_text(part)))
-            continue
-        if part.inline is not None:
-            expr = part.inline
-        else:
-            namespace[f"_g{i}"] = part.getter
-            expr = f"_g{i}(info)"
-        body.append(f"{{{expr}}}" if part.never_none else f"{{_D if (_v{i} := {expr}) is None else _v{i}}}")
-    joined = "".join(body)
-    prelude = ""
-    # Several headers of one message are found in one pass over it.
-    joined, request_pass = _one_pass(joined, "_req", "_rq")
-    joined, response_pass = _one_pass(joined, "_resp", "_rs")
-    if _USES_REQ.search(joined) or request_pass:
-        prelude += "    _req = info.request\n"
-    if _USES_RESP.search(joined) or response_pass:
-        prelude += "    _resp = info.response\n"
-    prelude += request_pass + response_pass
-    source = f'def format_line(info):\n{prelude}    return f"{joined}"\n'
-    exec(compile(source, "<access log format>", "exec"), namespace)  # noqa: S102 - our own generated code
-    fn = namespace["format_line"]
+    namespace, captured, prelude, joined = _generate(text)
+    assign = "".join(f"    {var} = {expr}\n" for var, expr in captured)
+    source = f'def format_line(info):\n{assign}{prelude}    return f"{joined}"\n'
+    fn = _define(source, namespace, "format_line")
     fn.__doc__ = f"Formats {text if text is not None else DEFAULT_FORMAT!r}."
     return fn
+
+
+def compile_deferred_format(text: str | None = None) -> DeferredFormat:
+    """The format ``text`` as a :class:`DeferredFormat`: the same lines as
+    :func:`compile_format`, captured per stream and rendered in batches."""
+    namespace, captured, prelude, joined = _generate(text)
+    names = [var for var, _ in captured]
+    values = ", ".join(expr for _, expr in captured)
+    target = f"{', '.join(names)}," if names else "_"
+    loop_prelude = "".join(f"    {line}\n" for line in prelude.splitlines())
+    source = (
+        f"def capture(info):\n    return ({values}{',' if len(names) == 1 else ''})\n"
+        f"def render(captures, append):\n    for {target} in captures:\n{loop_prelude}"
+        f'        append(f"{joined}")\n'
+    )
+    capture = _define(source, namespace, "capture")
+    return DeferredFormat(capture, namespace["render"])
 
 
 def _json_value(value: Any, path: str) -> Getter:

@@ -17,6 +17,7 @@ from outrider.access_log import (
     FormatSyntaxError,
     LogInfoDefaults,
     compile_filter,
+    compile_deferred_format,
     compile_format,
     compile_json_format,
     parse_format,
@@ -193,6 +194,39 @@ def test_every_operator_inline_and_getter_agree():
                 if name in ("DURATION", "RESPONSE_TX_DURATION", "START_TIME"):
                     continue  # time moves between the two calls
                 assert compile_format(text)(info) == ("-" if value is None else str(value)), text
+
+
+def test_deferred_format_renders_the_same_lines_from_what_it_captured():
+    """The file logger captures at stream end and renders in batches: the
+    lines must be compile_format's, with the values of the capture time."""
+    texts = [DEFAULT_FORMAT, "x\n", "%DURATION%", '{a} "%REQ(:PATH)%" %%'] + [
+        f"%{name}{arg}%" for name in OPERATORS
+        for arg in {"REQ": ["(user-agent)", "(x-none?:path)", "(x-request-id)", "(user-agent):3"],
+                    "RESP": ["(content-type)", "(:status)"], "TRAILER": ["(grpc-status)"]}.get(name, [""])
+    ]
+    empty = Info(request=None, response=None, response_trailers=None, route=None, upstream_host=None,
+                 upstream_cluster=None, request_id="", request_end_time=0.0, upstream_first_byte_time=0.0)
+    for text in texts:
+        deferred = compile_deferred_format(text)
+        for info in (Info(), Info(response_flags=("UF", "URX")), empty):
+            lines: list[str] = []
+            deferred.render([deferred.capture(info), deferred.capture(info)], lines.append)
+            expected = compile_format(text)(info)
+            if "DURATION" in text:  # time moves between the calls; compare the shape
+                expected, lines = re.sub(r"\b\d+\b", "N", expected), [re.sub(r"\b\d+\b", "N", x) for x in lines]
+            assert lines == [expected, expected], text
+
+    # What happens to the stream after its capture does not reach the line.
+    deferred = compile_deferred_format("%DURATION% %BYTES_SENT% %RESPONSE_FLAGS% %REQ_ID% %UPSTREAM_HOST% %ROUTE_NAME%")
+    info = Info()
+    captured = deferred.capture(info)
+    info.bytes_sent, info.response_flags, info.request_id, info.upstream_host, info.route = 1, ("DC",), "x", "h", None
+    time.sleep(0.3)
+    lines = []
+    deferred.render([captured], lines.append)
+    duration, rest = lines[0].split(" ", 1)
+    assert 250 <= int(duration) < 500
+    assert rest == "56 - rid-1 127.0.0.1:8080 api/0"
 
 
 def test_literals_are_kept_exactly():

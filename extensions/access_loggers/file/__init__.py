@@ -1,10 +1,12 @@
 """file: access log lines to a file, /dev/stdout or /dev/stderr.
 
-Formatting happens on the event loop when a stream ends (a compiled
-formatter: a few getter calls and one f-string). Writing never does: lines
-collect in a list, which is joined and handed every ``flush_interval`` (or
-every 16384 lines) to a writer thread as one batch of bytes; the thread
-writes it with one ``os.write`` loop. The bytes waiting for the thread are
+When a stream ends, the logger only captures what its format needs (a
+tuple of references: the request and response heads, counters, the end
+time). The lines are rendered on the event loop every 64 streams, in one
+loop, and at each flush. Writing never happens on the loop: lines collect
+in a list, which is joined and handed every ``flush_interval`` (or every
+16384 lines) to a writer thread as one batch of bytes; the thread writes it
+with one ``os.write`` loop. The bytes waiting for the thread are
 bounded (``max_buffer_bytes``): beyond that, lines are dropped and counted.
 A file that cannot be opened or written costs a stat and a rate-limited log
 line; the proxy keeps serving. SIGUSR1 reopens the file (log rotation).
@@ -20,7 +22,7 @@ import threading
 from typing import Any, Callable
 
 from outrider import BuildContext, Extension, StatsGroup, hookimpl
-from outrider.access_log import compile_format, compile_json_format
+from outrider.access_log import DeferredFormat, compile_deferred_format, compile_json_format
 from outrider.config.units import parse_duration
 from outrider.sinks import RateLimitedLog
 
@@ -31,6 +33,12 @@ log = logging.getLogger("outrider.ext.file")
 #: a couple of times, and a thread waiting for the GIL while the loop is busy
 #: is woken (a futex call on each side) every time the loop releases it.
 FLUSH_LINES = 16384
+#: Streams captured before their lines are rendered, in one loop while the
+#: format's code is hot in the CPU caches: rendering each line as its stream
+#: ends cost about three times more under load (bench/RESULTS.md). Each
+#: capture holds its stream's request and response heads until then; 32 and
+#: 256 measured the same, 2048 twice the cost.
+RENDER_LINES = 64
 #: At most one log line per problem kind per this many seconds.
 ERROR_LOG_INTERVAL = 10.0
 
@@ -65,7 +73,12 @@ class _Writer:
         self.stats = stats
         self.flush_interval = flush_interval
         self.max_bytes = max_bytes
-        self.users = 0
+        #: Each logger's render_held: renders what it captured into pending.
+        self.renderers: list[Callable[[], None]] = []
+        #: [captures a logger holds before rendering them]: one shared list
+        #: so that loggers writing one file render each line at once, which
+        #: keeps the file's lines in the order their streams ended.
+        self.render_at = [RENDER_LINES]
         #: Lines formatted on the loop, not yet handed to the thread.
         self.pending: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -89,8 +102,19 @@ class _Writer:
 
     # -- on the event loop ---------------------------------------------------
 
+    def attach(self, render_held: Callable[[], None]) -> None:
+        """A logger of this file: flushes render what it holds."""
+        self.renderers.append(render_held)
+        self.render_at[0] = RENDER_LINES if len(self.renderers) == 1 else 1
+
+    def detach(self, render_held: Callable[[], None]) -> None:
+        self.renderers.remove(render_held)
+        self.render_at[0] = RENDER_LINES if len(self.renderers) <= 1 else 1
+
     def schedule(self) -> None:
-        """The first pending line: flush it within flush_interval."""
+        """Something is held: flush it within flush_interval."""
+        if self._timer is not None:
+            return
         loop = self._loop
         if loop is None:
             try:
@@ -102,15 +126,21 @@ class _Writer:
 
     def _on_timer(self) -> None:
         self._timer = None
+        self._render_held()
         if self.pending:
             self.stats.flushed_by_timer.value += 1
             self.flush()
+
+    def _render_held(self) -> None:
+        for render_held in self.renderers:
+            render_held()
 
     def flush(self) -> None:
         """Hand the pending lines to the writer thread as one batch."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._render_held()
         pending = self.pending
         if pending:
             count = len(pending)
@@ -263,12 +293,13 @@ class FileAccessLog:
         if "json_format" in config:
             build = compile_json_format(config["json_format"])
             encode = json.JSONEncoder(separators=(",", ":")).encode
-            self.format: Callable[[Any], str] = lambda info: encode(build(info)) + "\n"
+            # JSON lines are rendered right away: the capture is the line.
+            self.format = DeferredFormat(lambda info: encode(build(info)) + "\n", _append_each)
         else:
             text = config.get("format")
             if text is not None and not text.endswith("\n"):
                 text += "\n"
-            self.format = compile_format(text)
+            self.format = compile_deferred_format(text)
         self.flush_interval = parse_duration(config.get("flush_interval", "1s"))
         self.max_buffer_bytes = int(config.get("max_buffer_bytes", 8 * 1024 * 1024))
         self.stats = FileAccessLogStats(ctx.stats.scope("access_logs.file"))
@@ -278,26 +309,35 @@ class FileAccessLog:
         writer = _writers.get(self.path)
         if writer is None:
             writer = _writers[self.path] = _Writer(self.path, self.stats, self.flush_interval, self.max_buffer_bytes)
-        writer.users += 1
         self._writer: _Writer | None = writer
         self.log = self._make_log(writer)
 
     def _make_log(self, writer: _Writer) -> Callable[[Any], None]:
-        # A closure over what it needs: per line, a format call and an append.
-        format_line = self.format
+        # Closures over what they need: per stream, a capture and an append.
+        capture, render = self.format
+        captured: list[tuple[Any, ...]] = []
+        hold = captured.append
         pending = writer.pending
-        append = pending.append
         schedule = writer.schedule
-        flush = writer.flush
+        render_at = writer.render_at
+
+        def render_held() -> None:
+            if captured:
+                render(captured, pending.append)
+                captured.clear()
 
         def log(info: Any) -> None:
-            append(format_line(info))
-            n = len(pending)
+            hold(capture(info))
+            n = len(captured)
+            if n >= render_at[0]:
+                render_held()
+                if len(pending) >= FLUSH_LINES:
+                    writer.flush()
             if n == 1:
                 schedule()
-            elif n >= FLUSH_LINES:
-                flush()
 
+        writer.attach(render_held)
+        self._render_held = render_held
         return log
 
     def reopen(self) -> None:
@@ -308,13 +348,19 @@ class FileAccessLog:
         writer, self._writer = self._writer, None
         if writer is None:
             return
-        writer.users -= 1
-        if writer.users <= 0:
+        self._render_held()
+        writer.detach(self._render_held)
+        if not writer.renderers:
             writer.close()
             if _writers.get(self.path) is writer:
                 del _writers[self.path]
         else:
             writer.flush()
+
+
+def _append_each(lines: list[str], append: Callable[[str], Any]) -> None:
+    for line in lines:
+        append(line)
 
 
 def create(config: dict[str, Any], ctx: BuildContext) -> FileAccessLog:

@@ -240,6 +240,41 @@ def test_filters_errors_only_and_sampling(proxy, upstream, tmp_path):
     assert not nothing.exists()
 
 
+def test_many_streams_every_line_in_order_and_two_loggers_share_a_file(proxy, upstream, tmp_path):
+    """Lines are rendered in batches of streams: more streams than one batch
+    all come out, in order, with their own durations; two loggers on one
+    file keep the order the streams ended in."""
+    upstream_port, _ = upstream
+    port = free_port()
+    single, shared = tmp_path / "single.log", tmp_path / "shared.log"
+    access_log = (
+        "    access_log:\n"
+        # An hour's flush interval: only full batches are rendered until shutdown.
+        + f"""      - name: file
+        config: {{path: "{single}", flush_interval: 1h, format: '%REQ(:PATH)% %RESPONSE_CODE% %DURATION%'}}
+"""
+        + file_log(shared, ", format: 'A %REQ(:PATH)%'")
+        + file_log(shared, ", format: 'B %REQ(:PATH)%'")
+    )
+    proc = proxy.start(http_config(port, upstream_port, access_log))
+    count = 700  # many render batches (64 streams each)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for i in range(count):
+            conn.request("GET", f"/app/{i}")
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+    finally:
+        conn.close()
+    assert wait_lines(shared, 2 * count) == [f"{logger} /app/{i}" for i in range(count) for logger in "AB"]
+    assert not single.exists()
+    assert proc.stop() == 0
+    lines = single.read_text().splitlines()
+    assert [line.split()[:2] for line in lines] == [[f"/app/{i}", "200"] for i in range(count)]
+    assert all(int(line.split()[2]) < 1000 for line in lines)  # taken when the stream ended, not at render
+
+
 # -- rotation, failures, shutdown -----------------------------------------------
 
 
