@@ -169,9 +169,11 @@ class Operator:
     (``int`` or ``str``), or ``None`` when there is none ("-" in text).
 
     ``inline``, when set, is the same getter as a Python expression over
-    ``info``, ``_req`` (``info.request``) and ``_resp`` (``info.response``):
-    :func:`compile_format` writes it into the generated function, saving a
-    call per operator per line.
+    ``info.<attribute>``, ``_req`` (``info.request``), ``_resp``
+    (``info.response``) and ``_now`` (``time.monotonic()`` at the end of the
+    stream): :func:`compile_format` writes it into the generated function,
+    saving a call per operator per line, and :func:`compile_deferred_format`
+    captures exactly those values per stream.
     """
 
     __slots__ = ("text", "getter", "never_none", "inline")
