@@ -22,8 +22,9 @@ builds every object too. Do that lazily, on the first ``log``.
 Formatting is shared: :func:`compile_format` turns an Envoy format string
 (``%START_TIME%``, ``%REQ(:PATH)%``, ...) into a function ``info -> str``,
 :func:`compile_json_format` a ``json_format`` mapping into ``info -> dict``.
-:func:`compile_deferred_format` splits a format string into a capture per
-stream and a rendering of many lines at once (see :class:`DeferredFormat`).
+:func:`compile_deferred_format` and :func:`compile_deferred_json_format`
+split a format into a capture per stream and a rendering of many lines at
+once (see :class:`DeferredFormat`).
 All parse once, at config time; per request they only call small getters.
 A schema marks a format string with ``"format": "access_log_format"`` so that
 ``outrider validate`` reports a bad one at its ``file:line:column``.
@@ -32,6 +33,7 @@ A schema marks a format string with ``"format": "access_log_format"`` so that
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import random
 import re
@@ -681,41 +683,114 @@ class DeferredFormat(NamedTuple):
     render: Callable[[Iterable[tuple[Any, ...]], Callable[[str], Any]], None]
 
 
-def _generate(text: str | None) -> tuple[dict[str, Any], list[tuple[str, str]], str, str]:
-    """The pieces both compiled forms share: the namespace, the captured
-    values as ``(variable, expression over info)``, the statements that
-    prepare header lookups, and the f-string's body over those variables."""
-    parts = parse_format(DEFAULT_FORMAT if text is None else text)
-    namespace: dict[str, Any] = {"_D": "-", "_monotonic": _monotonic, **_INLINE_NAMES}
-    captured: dict[str, str] = {}
-    attributes: dict[str, None] = {}  # of info, in order of use
-    body = []
-    for i, part in enumerate(parts):
-        if isinstance(part, str):
-            body.append(_fstring_literal(_wire_text(part)))
-            continue
+class _CodeBuilder:
+    """Generates the code of a compiled format: each operator as an
+    expression over captured variables (``_req``, ``_resp``, ``_now``,
+    ``_i_<attribute>`` and ``_c<n>`` for getters without an inline form),
+    collecting what must be captured per stream and the namespace the code
+    runs in."""
+
+    def __init__(self) -> None:
+        self.namespace: dict[str, Any] = {"_D": "-", "_NULL": "null", "_esc": _json_string,
+                                          "_monotonic": _monotonic, **_INLINE_NAMES}
+        self.captured: dict[str, str] = {}
+        self.attributes: dict[str, None] = {}  # of info, in order of use
+        self.statements: list[str] = []  # computed before the line, per line
+        self._count = 0
+
+    def _number(self) -> int:
+        self._count += 1
+        return self._count
+
+    def expression(self, part: Operator) -> str:
         if part.inline is not None:
-            attributes.update(dict.fromkeys(_INFO_ATTR.findall(part.inline)))
-            expr = _INFO_ATTR.sub(lambda m: f"_i_{m.group(1)}", part.inline)
-        else:
-            # Getters without an inline form run at capture time.
-            namespace[f"_g{i}"] = part.getter
-            captured[f"_c{i}"] = f"_g{i}(info)"
-            expr = f"_c{i}"
-        body.append(f"{{{expr}}}" if part.never_none else f"{{_D if (_v{i} := {expr}) is None else _v{i}}}")
-    joined = "".join(body)
-    # Several headers of one message are found in one pass over it.
-    joined, request_pass = _one_pass(joined, "_req", "_rq")
-    joined, response_pass = _one_pass(joined, "_resp", "_rs")
-    if _USES_REQ.search(joined) or request_pass:
-        captured["_req"] = "info.request"
-    if _USES_RESP.search(joined) or response_pass:
-        captured["_resp"] = "info.response"
-    if _USES_NOW.search(joined):
-        captured["_now"] = "_monotonic()"
-    for attr in attributes:
-        captured[f"_i_{attr}"] = f"info.{attr}"
-    return namespace, list(captured.items()), request_pass + response_pass, joined
+            self.attributes.update(dict.fromkeys(_INFO_ATTR.findall(part.inline)))
+            return _INFO_ATTR.sub(lambda m: f"_i_{m.group(1)}", part.inline)
+        # Getters without an inline form run at capture time.
+        n = self._number()
+        self.namespace[f"_g{n}"] = part.getter
+        self.captured[f"_c{n}"] = f"_g{n}(info)"
+        return f"_c{n}"
+
+    def text(self, parts: list[str | Operator]) -> str:
+        """An f-string body: literal text, each value as text, "-" for missing."""
+        body = []
+        for part in parts:
+            if isinstance(part, str):
+                body.append(_fstring_literal(_wire_text(part)))
+                continue
+            expr = self.expression(part)
+            if part.never_none:
+                body.append(f"{{{expr}}}")
+            else:
+                n = self._number()
+                body.append(f"{{_D if (_v{n} := {expr}) is None else _v{n}}}")
+        return "".join(body)
+
+    def json(self, value: Any, path: str) -> str:
+        """An f-string body rendering one JSON value exactly as
+        ``json.dumps(compile_json_format(...)(info), separators=(",", ":"))``."""
+        if isinstance(value, dict):
+            members = [_fstring_literal(_json_string(str(k)) + ":") + self.json(v, f"{path}.{k}") for k, v in value.items()]
+            return "{{" + ",".join(members) + "}}"
+        if isinstance(value, str):
+            parts = parse_format(value)
+            if len(parts) == 1 and isinstance(parts[0], Operator):  # typed: a number, a string or null
+                n = self._number()
+                expr = self.expression(parts[0])
+                return f"{{_NULL if (_v{n} := {expr}) is None else _esc(_v{n}) if _v{n}.__class__ is str else _v{n}}}"
+            if all(isinstance(p, str) for p in parts):
+                return _fstring_literal(_json_string("".join(parts)))  # type: ignore[arg-type]
+            n = self._number()
+            self.statements.append(f'_t{n} = f"{self.text(parts)}"')
+            return f"{{_esc(_t{n})}}"
+        if value is None or isinstance(value, (bool, int, float)):
+            return _fstring_literal(json.dumps(value))
+        raise ValueError(f"json_format{path}: expected a format string, a number, true/false or a mapping, got {type(value).__name__}")
+
+    def finish(self, body: str) -> tuple[list[tuple[str, str]], list[str], str]:
+        """(captures as ``(variable, expression over info)``, the statements
+        each line runs first, the f-string body), once all code is built."""
+        # Several headers of one message are found in one pass over it.
+        separator = "\x00"
+        code = separator.join([*self.statements, body])
+        code, request_pass = _one_pass(code, "_req", "_rq")
+        code, response_pass = _one_pass(code, "_resp", "_rs")
+        *statements, body = code.split(separator)
+        captured = self.captured
+        if _USES_REQ.search(code) or request_pass:
+            captured["_req"] = "info.request"
+        if _USES_RESP.search(code) or response_pass:
+            captured["_resp"] = "info.response"
+        if _USES_NOW.search(code):
+            captured["_now"] = "_monotonic()"
+        for attr in self.attributes:
+            captured[f"_i_{attr}"] = f"info.{attr}"
+        prelude = (request_pass + response_pass).splitlines()
+        return list(captured.items()), [line[4:] for line in prelude] + statements, body
+
+    def define_format_line(self, body: str) -> Callable[[Any], str]:
+        captured, statements, body = self.finish(body)
+        lines = [f"{var} = {expr}" for var, expr in captured] + statements + [f'return f"{body}"']
+        source = "def format_line(info):\n" + "".join(f"    {line}\n" for line in lines)
+        return _define(source, self.namespace, "format_line")
+
+    def define_deferred(self, body: str) -> DeferredFormat:
+        captured, statements, body = self.finish(body)
+        names = [var for var, _ in captured]
+        values = ", ".join(expr for _, expr in captured)
+        target = f"{', '.join(names)}," if names else "_"
+        loop = "".join(f"        {line}\n" for line in [*statements, f'append(f"{body}")'])
+        source = (
+            f"def capture(info):\n    return ({values}{',' if len(names) == 1 else ''})\n"
+            f"def render(captures, append):\n    for {target} in captures:\n{loop}"
+        )
+        capture = _define(source, self.namespace, "capture")
+        return DeferredFormat(capture, self.namespace["render"])
+
+
+#: A JSON string literal for ``text``, non-ASCII escaped (as json.dumps does).
+_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
 def _define(source: str, namespace: dict[str, Any], name: str) -> Any:
@@ -732,10 +807,8 @@ def compile_format(text: str | None = None) -> Callable[[Any], str]:
     of its getter. Per line that is a few attribute reads and calls, and no
     parsing, dict walk or list building.
     """
-    namespace, captured, prelude, joined = _generate(text)
-    assign = "".join(f"    {var} = {expr}\n" for var, expr in captured)
-    source = f'def format_line(info):\n{assign}{prelude}    return f"{joined}"\n'
-    fn = _define(source, namespace, "format_line")
+    builder = _CodeBuilder()
+    fn = builder.define_format_line(builder.text(parse_format(DEFAULT_FORMAT if text is None else text)))
     fn.__doc__ = f"Formats {text if text is not None else DEFAULT_FORMAT!r}."
     return fn
 
@@ -743,18 +816,19 @@ def compile_format(text: str | None = None) -> Callable[[Any], str]:
 def compile_deferred_format(text: str | None = None) -> DeferredFormat:
     """The format ``text`` as a :class:`DeferredFormat`: the same lines as
     :func:`compile_format`, captured per stream and rendered in batches."""
-    namespace, captured, prelude, joined = _generate(text)
-    names = [var for var, _ in captured]
-    values = ", ".join(expr for _, expr in captured)
-    target = f"{', '.join(names)}," if names else "_"
-    loop_prelude = "".join(f"    {line}\n" for line in prelude.splitlines())
-    source = (
-        f"def capture(info):\n    return ({values}{',' if len(names) == 1 else ''})\n"
-        f"def render(captures, append):\n    for {target} in captures:\n{loop_prelude}"
-        f'        append(f"{joined}")\n'
-    )
-    capture = _define(source, namespace, "capture")
-    return DeferredFormat(capture, namespace["render"])
+    builder = _CodeBuilder()
+    return builder.define_deferred(builder.text(parse_format(DEFAULT_FORMAT if text is None else text)))
+
+
+def compile_deferred_json_format(mapping: dict[str, Any]) -> DeferredFormat:
+    """A ``json_format`` mapping as a :class:`DeferredFormat` rendering JSON
+    lines (newline-terminated, compact, ASCII): the text of
+    ``json.dumps(compile_json_format(mapping)(info), separators=(",", ":"))``,
+    generated directly instead of through a dict and the encoder."""
+    if not isinstance(mapping, dict):
+        raise ValueError("json_format: expected a mapping of keys to format strings")
+    builder = _CodeBuilder()
+    return builder.define_deferred(builder.json(mapping, "") + "\\x0a")
 
 
 def _json_value(value: Any, path: str) -> Getter:

@@ -18,6 +18,7 @@ from outrider.access_log import (
     LogInfoDefaults,
     compile_filter,
     compile_deferred_format,
+    compile_deferred_json_format,
     compile_format,
     compile_json_format,
     parse_format,
@@ -325,6 +326,34 @@ def test_json_format_keeps_types_nests_and_nulls_missing_values():
     assert (out["constant"], out["number"], out["flag"], out["nothing"]) == ("edge", 7, True, None)
     assert isinstance(out["duration"], int)
     assert list(out) == ["status", "bytes", "path", "upstream", "missing", "mixed", "constant", "number", "flag", "nothing", "duration"]
+
+
+def test_deferred_json_lines_are_the_encoded_mapping():
+    """The file logger renders JSON lines from generated code, not through a
+    dict and the encoder: the text must be the encoder's, byte for byte."""
+    mapping = {
+        "status": "%RESPONSE_CODE%", "flags": "%RESPONSE_FLAGS%", "details": "%RESPONSE_CODE_DETAILS%",
+        "bytes": {"in": "%BYTES_RECEIVED%", "out": "%BYTES_SENT%", "deeper": {"x": "%REQ(x-dup)%"}},
+        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%", "ua": "%REQ(user-agent):4%", "ct": "%RESP(content-type)%",
+        "trailer": "%TRAILER(grpc-status)%", "route": "%ROUTE_NAME%", "remote": "%DOWNSTREAM_REMOTE_ADDRESS%",
+        "rid": "%REQ_ID%", "mixed": 'say "%REQ(:METHOD)%" {to} %UPSTREAM_HOST% \u00e9\t%%', "when": "%START_TIME(%s)%",
+        "constant": "caf\u00e9 \"quoted\"", "n": 7, "f": 1.5, "yes": True, "nothing": None, "k\u00e9y \"q\"": "%PROTOCOL%",
+        "rq": "%REQUEST_DURATION%",
+    }
+    encode = json.JSONEncoder(separators=(",", ":")).encode
+    deferred = compile_deferred_json_format(mapping)
+    odd = Info(request=RequestHead("GET", "/caf\xe9", "h", Headers([("user-agent", 'a"b\\c\x01\xff'), ("x-dup", "\u00e9")])),
+               response_flags=("UF",), response_code_details="upstream_reset")
+    empty = Info(request=None, response=None, response_trailers=None, route=None, upstream_host=None,
+                 upstream_cluster=None, request_id="", request_end_time=0.0, upstream_first_byte_time=0.0, conn=Conn("", 0))
+    for info in (Info(), odd, empty):
+        lines: list[str] = []
+        deferred.render([deferred.capture(info)], lines.append)
+        assert lines == [encode(compile_json_format(mapping)(info)) + "\n"]
+        json.loads(lines[0])
+    for bad in ({"a": [1]}, ["%PROTOCOL%"]):
+        with pytest.raises(ValueError, match="json_format"):
+            compile_deferred_json_format(bad)  # type: ignore[arg-type]
 
 
 # -- filters ----------------------------------------------------------------------

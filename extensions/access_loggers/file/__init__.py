@@ -15,14 +15,13 @@ line; the proxy keeps serving. SIGUSR1 reopens the file (log rotation).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import threading
 from typing import Any, Callable
 
 from outrider import BuildContext, Extension, StatsGroup, hookimpl
-from outrider.access_log import DeferredFormat, compile_deferred_format, compile_json_format
+from outrider.access_log import DeferredFormat, compile_deferred_format, compile_deferred_json_format
 from outrider.config.units import parse_duration
 from outrider.sinks import RateLimitedLog
 
@@ -290,11 +289,9 @@ class FileAccessLog:
         self.path: str = config["path"]
         if "format" in config and "json_format" in config:
             raise ValueError("file access log: give format or json_format, not both")
+        self.format: DeferredFormat
         if "json_format" in config:
-            build = compile_json_format(config["json_format"])
-            encode = json.JSONEncoder(separators=(",", ":")).encode
-            # JSON lines are rendered right away: the capture is the line.
-            self.format = DeferredFormat(lambda info: encode(build(info)) + "\n", _append_each)
+            self.format = compile_deferred_json_format(config["json_format"])
         else:
             text = config.get("format")
             if text is not None and not text.endswith("\n"):
@@ -356,11 +353,6 @@ class FileAccessLog:
                 del _writers[self.path]
         else:
             writer.flush()
-
-
-def _append_each(lines: list[str], append: Callable[[str], Any]) -> None:
-    for line in lines:
-        append(line)
 
 
 def create(config: dict[str, Any], ctx: BuildContext) -> FileAccessLog:
