@@ -39,6 +39,7 @@ the request line, framing, the head object and the callbacks (~0.9 us).
 
 from __future__ import annotations
 
+import os
 import re
 from collections import deque
 from http import HTTPStatus
@@ -1078,6 +1079,25 @@ def serialize_response_head(head: ResponseHead) -> bytes:
     lines = [f"HTTP/1.1 {status} {reason}"]
     _append_fields(lines, head.headers)
     return _finish(lines)
+
+
+# The C versions (_speedups.c) replace the two above unless the module was
+# not built or OUTRIDER_NO_SPEEDUPS is set; they hand anything uncommon,
+# errors included, back to these Python versions, kept as py_* for that and
+# for the differential tests.
+py_serialize_request_head = serialize_request_head
+py_serialize_response_head = serialize_response_head
+SPEEDUPS = False
+if not os.environ.get("OUTRIDER_NO_SPEEDUPS"):
+    try:
+        from . import _speedups
+    except ImportError:
+        pass
+    else:
+        _speedups.configure(py_serialize_request_head, py_serialize_response_head, _OUT_NAMES, _REASONS, _CACHE_MAX)
+        serialize_request_head = _speedups.serialize_request_head  # noqa: F811
+        serialize_response_head = _speedups.serialize_response_head  # noqa: F811
+        SPEEDUPS = True
 
 
 def encode_chunk(data: bytes) -> bytes:

@@ -1,0 +1,384 @@
+/*
+ * Optional C versions of the http1 codec's head serialisers.
+ *
+ * This file mirrors serialize_request_head and serialize_response_head in
+ * parser.py, which stay the reference: tests/extensions/codecs/http1/
+ * test_speedups.py feeds generated heads (bad bytes, CR/LF/NUL, latin-1,
+ * empty and long values) to both and requires identical bytes or identical
+ * exceptions. parser.py picks these at import time unless
+ * OUTRIDER_NO_SPEEDUPS=1.
+ *
+ * Only the common case is handled here: exact str method, path, authority,
+ * reason, names and values holding latin-1 text, headers a list (or a list
+ * subclass that does not override iteration) of exact 2-tuples, names that
+ * are tokens, no CR, LF or NUL anywhere. For anything else (subclasses whose
+ * formatting may differ, non-latin-1 text, any invalid input) the Python
+ * implementation is called on the same head, so every error message and
+ * every rare case comes from the one readable implementation. Serialising is
+ * pure apart from the shared cache of validated names, so running the Python
+ * version after a partial C pass is harmless.
+ *
+ * Each head is measured (and checked) first, then copied into a bytes
+ * object of exactly that size. Normally no Python code can run in between,
+ * but a str subclass put in the shared name set by the Python version has an
+ * __eq__ that could edit the headers while a name is looked up: so fields
+ * are held while measured, re-checked while copied, and the copy is bounded
+ * by the measured size (a mismatch hands the head to Python).
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+/* Set once by configure() from parser.py. */
+static PyObject *py_request_fallback;  /* parser._py_serialize_request_head */
+static PyObject *py_response_fallback; /* parser._py_serialize_response_head */
+static PyObject *out_names;            /* parser._OUT_NAMES (set, shared) */
+static PyObject *reasons;              /* parser._REASONS (dict int -> str) */
+static Py_ssize_t name_cache_max;      /* parser._CACHE_MAX */
+
+static PyObject *str_method, *str_path, *str_authority, *str_headers, *str_status, *str_reason;
+
+/* RFC 9110 5.6.2 tchar, as parser._TCHAR. */
+static unsigned char is_tchar[256];
+
+static void
+init_tchar(void)
+{
+    const char *extra = "!#$%&'*+-.^_`|~";
+    for (int c = '0'; c <= '9'; c++) is_tchar[c] = 1;
+    for (int c = 'A'; c <= 'Z'; c++) is_tchar[c] = 1;
+    for (int c = 'a'; c <= 'z'; c++) is_tchar[c] = 1;
+    for (const char *p = extra; *p; p++) is_tchar[(unsigned char)*p] = 1;
+}
+
+/* Nonzero if s is an exact str whose characters all fit in one byte
+ * (latin-1: what the Python version can encode). */
+static int
+is_latin1_str(PyObject *s)
+{
+#if PY_VERSION_HEX < 0x030C0000
+    /* Before 3.12 a str made by the legacy wchar API may not be ready. */
+    if (PyUnicode_CheckExact(s) && !PyUnicode_IS_READY(s)) return 0;
+#endif
+    return PyUnicode_CheckExact(s) && PyUnicode_KIND(s) == PyUnicode_1BYTE_KIND;
+}
+
+/* Nonzero if the latin-1 text holds CR, LF or NUL (_finish's check). */
+static int
+has_line_break(const unsigned char *p, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = p[i];
+        if (c == '\r' || c == '\n' || c == 0) return 1;
+    }
+    return 0;
+}
+
+static int
+is_token(const unsigned char *p, Py_ssize_t n)
+{
+    if (n == 0) return 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!is_tchar[p[i]]) return 0;
+    }
+    return 1;
+}
+
+/* Adds n to *total; fails on overflow (only possible with absurd input). */
+static int
+add_size(Py_ssize_t *total, Py_ssize_t n)
+{
+    if (n > PY_SSIZE_T_MAX - *total) return 0;
+    *total += n;
+    return 1;
+}
+
+/* A string that passed is_latin1_str and has no CR/LF/NUL; adds its length. */
+static int
+measure_text(PyObject *s, Py_ssize_t *total)
+{
+    if (!is_latin1_str(s)) return 0;
+    if (has_line_break(PyUnicode_1BYTE_DATA(s), PyUnicode_GET_LENGTH(s))) return 0;
+    return add_size(total, PyUnicode_GET_LENGTH(s));
+}
+
+/* Nonzero if headers can be walked by index exactly as Python's for loop
+ * would walk it. */
+static int
+is_plain_list(PyObject *headers)
+{
+    return PyList_Check(headers) && Py_TYPE(headers)->tp_iter == PyList_Type.tp_iter;
+}
+
+/* measure_fields for one field. */
+static int
+measure_field(PyObject *field, Py_ssize_t *total)
+{
+    if (!PyTuple_CheckExact(field) || PyTuple_GET_SIZE(field) != 2) return 0;
+    PyObject *name = PyTuple_GET_ITEM(field, 0);
+    PyObject *value = PyTuple_GET_ITEM(field, 1);
+    if (!is_latin1_str(name)) return 0;
+    int known = PySet_Contains(out_names, name);
+    if (known < 0) return -1;
+    if (!known) {
+        if (!is_token(PyUnicode_1BYTE_DATA(name), PyUnicode_GET_LENGTH(name))) return 0;
+        if (PySet_GET_SIZE(out_names) < name_cache_max && PySet_Add(out_names, name) < 0) return -1;
+    }
+    /* Names are tokens here, so they need no CR/LF/NUL check. */
+    if (!add_size(total, PyUnicode_GET_LENGTH(name))) return 0;
+    if (!measure_text(value, total)) return 0;
+    return add_size(total, 4); /* ": " and CRLF */
+}
+
+/*
+ * Checks every (name, value) and adds "name: value\r\n" per field to *total.
+ * Returns 1 when all is common-case, 0 to hand over to Python, -1 on error.
+ * Valid names missing from out_names are added, as _check_out_name does.
+ */
+static int
+measure_fields(PyObject *headers, Py_ssize_t *total)
+{
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(headers); i++) {
+        /* Held: a set member's __eq__ (a str subclass put in out_names by
+         * the Python version) could run code that edits the list. */
+        PyObject *field = PyList_GET_ITEM(headers, i);
+        Py_INCREF(field);
+        int ok = measure_field(field, total);
+        Py_DECREF(field);
+        if (ok != 1) return ok;
+    }
+    return 1;
+}
+
+/* Output cursor that never writes past the measured end. */
+typedef struct {
+    char *p;
+    char *end;
+} Writer;
+
+static int
+put(Writer *w, const void *data, Py_ssize_t n)
+{
+    if (n > w->end - w->p) return 0;
+    memcpy(w->p, data, (size_t)n);
+    w->p += n;
+    return 1;
+}
+
+static int
+put_str(Writer *w, PyObject *s)
+{
+    return put(w, PyUnicode_1BYTE_DATA(s), PyUnicode_GET_LENGTH(s));
+}
+
+static int
+put_fields(Writer *w, PyObject *headers, Py_ssize_t count)
+{
+    if (PyList_GET_SIZE(headers) != count) return 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *field = PyList_GET_ITEM(headers, i);
+        /* Re-checked so that a list edited since measuring cannot make us
+         * read a non-str as text; the writer bounds the lengths. */
+        if (!PyTuple_CheckExact(field) || PyTuple_GET_SIZE(field) != 2 ||
+            !is_latin1_str(PyTuple_GET_ITEM(field, 0)) || !is_latin1_str(PyTuple_GET_ITEM(field, 1)))
+            return 0;
+        if (!put_str(w, PyTuple_GET_ITEM(field, 0)) || !put(w, ": ", 2) ||
+            !put_str(w, PyTuple_GET_ITEM(field, 1)) || !put(w, "\r\n", 2))
+            return 0;
+    }
+    return 1;
+}
+
+/* Calls the Python implementation (exact results and errors). */
+static PyObject *
+fall_back(PyObject *fallback, PyObject *head)
+{
+    if (fallback == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_speedups.configure() was not called");
+        return NULL;
+    }
+    return PyObject_CallOneArg(fallback, head);
+}
+
+/* Fetches head.<attr> into *out (new reference); 0 on error. */
+static int
+get_attrs(PyObject *head, PyObject **names, PyObject **out, int n)
+{
+    for (int i = 0; i < n; i++) {
+        out[i] = PyObject_GetAttr(head, names[i]);
+        if (out[i] == NULL) {
+            for (int j = 0; j < i; j++) Py_CLEAR(out[j]);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static void
+drop_attrs(PyObject **attrs, int n)
+{
+    for (int i = 0; i < n; i++) Py_CLEAR(attrs[i]);
+}
+
+/* "METHOD path HTTP/1.1\r\nhost: authority\r\n" + fields + "\r\n". */
+static PyObject *
+serialize_request_head(PyObject *module, PyObject *head)
+{
+    enum { METHOD, PATH, AUTHORITY, HEADERS, N };
+    PyObject *names[N] = {str_method, str_path, str_authority, str_headers};
+    PyObject *a[N];
+    PyObject *result = NULL;
+    if (!get_attrs(head, names, a, N)) return NULL;
+
+    Py_ssize_t total = 0;
+    int ok = is_latin1_str(a[METHOD]) && is_latin1_str(a[PATH]) && is_plain_list(a[HEADERS]);
+    if (ok) {
+        const unsigned char *path = PyUnicode_1BYTE_DATA(a[PATH]);
+        Py_ssize_t path_len = PyUnicode_GET_LENGTH(a[PATH]);
+        /* Every name in parser._METHODS is a token, so the token test alone
+         * decides "method not in _METHODS and not a token". */
+        ok = is_token(PyUnicode_1BYTE_DATA(a[METHOD]), PyUnicode_GET_LENGTH(a[METHOD])) && path_len > 0 &&
+             !memchr(path, ' ', (size_t)path_len) && !memchr(path, '\t', (size_t)path_len);
+    }
+    ok = ok && measure_text(a[METHOD], &total) && measure_text(a[PATH], &total) &&
+         measure_text(a[AUTHORITY], &total);
+    if (ok) {
+        int fields = measure_fields(a[HEADERS], &total);
+        if (fields < 0) goto done;
+        ok = fields;
+    }
+    /* " " " HTTP/1.1\r\n" "host: " "\r\n" ... "\r\n" */
+    ok = ok && add_size(&total, 1 + 11 + 6 + 2 + 2);
+    if (!ok) {
+        result = fall_back(py_request_fallback, head);
+        goto done;
+    }
+    result = PyBytes_FromStringAndSize(NULL, total);
+    if (result == NULL) goto done;
+    Writer w = {PyBytes_AS_STRING(result), PyBytes_AS_STRING(result) + total};
+    Py_ssize_t count = PyList_GET_SIZE(a[HEADERS]);
+    ok = put_str(&w, a[METHOD]) && put(&w, " ", 1) && put_str(&w, a[PATH]) && put(&w, " HTTP/1.1\r\n", 11) &&
+         put(&w, "host: ", 6) && put_str(&w, a[AUTHORITY]) && put(&w, "\r\n", 2) &&
+         put_fields(&w, a[HEADERS], count) && put(&w, "\r\n", 2) && w.p == w.end;
+    if (!ok) {
+        /* Unreachable unless the head changed between measuring and copying. */
+        Py_CLEAR(result);
+        result = fall_back(py_request_fallback, head);
+    }
+done:
+    drop_attrs(a, N);
+    return result;
+}
+
+/* "HTTP/1.1 status reason\r\n" + fields + "\r\n". */
+static PyObject *
+serialize_response_head(PyObject *module, PyObject *head)
+{
+    enum { STATUS, REASON, HEADERS, N };
+    PyObject *names[N] = {str_status, str_reason, str_headers};
+    PyObject *a[N];
+    PyObject *result = NULL;
+    PyObject *reason = NULL;
+    if (!get_attrs(head, names, a, N)) return NULL;
+
+    long status = -1;
+    if (PyLong_CheckExact(a[STATUS])) {
+        int overflow;
+        status = PyLong_AsLongAndOverflow(a[STATUS], &overflow);
+        if (status == -1 && PyErr_Occurred()) goto done;
+    }
+    /* reason = head.reason or _REASONS.get(status, ""): only an exact str
+     * (truthy when non-empty) or None is handled here. */
+    PyObject *given = a[REASON];
+    if (given == Py_None || (PyUnicode_CheckExact(given) && PyUnicode_GET_LENGTH(given) == 0)) {
+        if (status >= 100 && status <= 999) {
+            reason = PyDict_GetItemWithError(reasons, a[STATUS]);
+            if (reason == NULL && PyErr_Occurred()) goto done;
+        }
+    } else {
+        reason = given;
+    }
+    Py_XINCREF(reason); /* held: borrowed from the dict or the head */
+    Py_ssize_t total = 0;
+    int ok = status >= 100 && status <= 999 && is_plain_list(a[HEADERS]);
+    if (ok && reason != NULL) ok = measure_text(reason, &total);
+    if (ok) {
+        int fields = measure_fields(a[HEADERS], &total);
+        if (fields < 0) goto done;
+        ok = fields;
+    }
+    /* "HTTP/1.1 " "NNN" " " "\r\n" ... "\r\n" */
+    ok = ok && add_size(&total, 9 + 3 + 1 + 2 + 2);
+    if (!ok) {
+        result = fall_back(py_response_fallback, head);
+        goto done;
+    }
+    result = PyBytes_FromStringAndSize(NULL, total);
+    if (result == NULL) goto done;
+    Writer w = {PyBytes_AS_STRING(result), PyBytes_AS_STRING(result) + total};
+    char code[3] = {(char)('0' + status / 100), (char)('0' + status / 10 % 10), (char)('0' + status % 10)};
+    Py_ssize_t count = PyList_GET_SIZE(a[HEADERS]);
+    ok = put(&w, "HTTP/1.1 ", 9) && put(&w, code, 3) && put(&w, " ", 1) && (reason == NULL || put_str(&w, reason)) &&
+         put(&w, "\r\n", 2) && put_fields(&w, a[HEADERS], count) && put(&w, "\r\n", 2) && w.p == w.end;
+    if (!ok) {
+        Py_CLEAR(result);
+        result = fall_back(py_response_fallback, head);
+    }
+done:
+    Py_XDECREF(reason);
+    drop_attrs(a, N);
+    return result;
+}
+
+/* configure(request_fallback, response_fallback, out_names, reasons, name_cache_max) */
+static PyObject *
+configure(PyObject *module, PyObject *args)
+{
+    PyObject *request, *response, *names, *phrases;
+    Py_ssize_t cache_max;
+    if (!PyArg_ParseTuple(args, "OOO!O!n:configure", &request, &response, &PySet_Type, &names, &PyDict_Type,
+                          &phrases, &cache_max))
+        return NULL;
+    if (!PyCallable_Check(request) || !PyCallable_Check(response)) {
+        PyErr_SetString(PyExc_TypeError, "configure: fallbacks must be callable");
+        return NULL;
+    }
+    Py_INCREF(request);
+    Py_INCREF(response);
+    Py_INCREF(names);
+    Py_INCREF(phrases);
+    Py_XSETREF(py_request_fallback, request);
+    Py_XSETREF(py_response_fallback, response);
+    Py_XSETREF(out_names, names);
+    Py_XSETREF(reasons, phrases);
+    name_cache_max = cache_max;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"configure", configure, METH_VARARGS,
+     "configure(request_fallback, response_fallback, out_names, reasons, name_cache_max): "
+     "share parser.py's caches and name its Python serialisers, called for anything uncommon."},
+    {"serialize_request_head", serialize_request_head, METH_O,
+     "serialize_request_head(head) -> bytes; same as parser.py's."},
+    {"serialize_response_head", serialize_response_head, METH_O,
+     "serialize_response_head(head) -> bytes; same as parser.py's."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_speedups", "C versions of the http1 codec's hot paths (see parser.py).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    init_tchar();
+    if (!(str_method = PyUnicode_InternFromString("method")) || !(str_path = PyUnicode_InternFromString("path")) ||
+        !(str_authority = PyUnicode_InternFromString("authority")) ||
+        !(str_headers = PyUnicode_InternFromString("headers")) ||
+        !(str_status = PyUnicode_InternFromString("status")) || !(str_reason = PyUnicode_InternFromString("reason")))
+        return NULL;
+    return PyModule_Create(&module_def);
+}
