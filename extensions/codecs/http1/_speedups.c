@@ -1,14 +1,19 @@
 /*
- * Optional C versions of the http1 codec's head serialisers.
+ * Optional C versions of the http1 codec's hot paths: the head serialisers
+ * and the header-line loop of the head parsers.
  *
- * This file mirrors serialize_request_head and serialize_response_head in
- * parser.py, which stay the reference: tests/extensions/codecs/http1/
- * test_speedups.py feeds generated heads (bad bytes, CR/LF/NUL, latin-1,
- * empty and long values) to both and requires identical bytes or identical
- * exceptions. parser.py picks these at import time unless
- * OUTRIDER_NO_SPEEDUPS=1.
+ * This file mirrors parser.py, which stays the reference:
+ * tests/extensions/codecs/http1/test_speedups.py feeds generated heads (bad
+ * bytes, CR/LF/NUL, latin-1, empty and long values) to both and requires
+ * identical results or identical exceptions, and every codec test runs with
+ * both. parser.py picks these at import time unless OUTRIDER_NO_SPEEDUPS=1.
  *
- * Only the common case is handled here: exact str method, path, authority,
+ * read_fields is parser._py_read_fields (the header loop of the head and
+ * trailer parsers), line for line: the same cache lookups in parser.py's
+ * own dicts, and parser._new_field (Python) for a line missing
+ * from them, so parsing, checking, caching and every error stay in Python.
+ *
+ * For the serialisers, only the common case is handled here: exact str method, path, authority,
  * reason, names and values holding latin-1 text, headers a list (or a list
  * subclass that does not override iteration) of exact 2-tuples, names that
  * are tokens, no CR, LF or NUL anywhere. For anything else (subclasses whose
@@ -31,6 +36,10 @@
 #include <string.h>
 
 /* Set once by configure() from parser.py. */
+static PyObject *field_cache;          /* parser._FIELD_CACHE (dict line -> (name, value)) */
+static PyObject *special_cache;        /* parser._SPECIAL_CACHE */
+static PyObject *new_field;            /* parser._new_field(line, status) */
+static PyObject *headers_type;         /* outrider.http.message.Headers */
 static PyObject *py_request_fallback;  /* parser._py_serialize_request_head */
 static PyObject *py_response_fallback; /* parser._py_serialize_response_head */
 static PyObject *out_names;            /* parser._OUT_NAMES (set, shared) */
@@ -331,35 +340,154 @@ done:
     return result;
 }
 
-/* configure(request_fallback, response_fallback, out_names, reasons, name_cache_max) */
-static PyObject *
-configure(PyObject *module, PyObject *args)
+/* Appends item to *list, creating the list on first use; 0 on error. */
+static int
+append_lazily(PyObject **list, PyObject *item)
 {
-    PyObject *request, *response, *names, *phrases;
-    Py_ssize_t cache_max;
-    if (!PyArg_ParseTuple(args, "OOO!O!n:configure", &request, &response, &PySet_Type, &names, &PyDict_Type,
-                          &phrases, &cache_max))
-        return NULL;
-    if (!PyCallable_Check(request) || !PyCallable_Check(response)) {
-        PyErr_SetString(PyExc_TypeError, "configure: fallbacks must be callable");
+    if (*list == NULL && (*list = PyList_New(0)) == NULL) return 0;
+    return PyList_Append(*list, item) == 0;
+}
+
+/*
+ * lines[first:] -> (headers, specials, hop), as parser._py_read_fields: specials lists the fields named in `special`
+ * (None if none), a field named `keep_out` among them is left out of the
+ * headers (the request's Host), and with `hop_by_hop` a set, fields it names
+ * go to hop (None if none) instead of the headers. Lines found in the caches
+ * were checked when stored, and need no test of their names: like the
+ * Python loop, only a line parsed now is sorted.
+ */
+static PyObject *
+read_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "read_fields(lines, first, special, keep_out, hop_by_hop, status)");
         return NULL;
     }
-    Py_INCREF(request);
-    Py_INCREF(response);
-    Py_INCREF(names);
-    Py_INCREF(phrases);
-    Py_XSETREF(py_request_fallback, request);
-    Py_XSETREF(py_response_fallback, response);
-    Py_XSETREF(out_names, names);
-    Py_XSETREF(reasons, phrases);
+    PyObject *lines = args[0], *special = args[2], *keep_out = args[3], *hop_by_hop = args[4], *status = args[5];
+    if (!PyList_Check(lines) || !PyAnySet_Check(special) || (hop_by_hop != Py_None && !PyAnySet_Check(hop_by_hop))) {
+        PyErr_SetString(PyExc_TypeError, "read_fields: lines must be a list, special and hop_by_hop sets");
+        return NULL;
+    }
+    Py_ssize_t first = PyLong_AsSsize_t(args[1]);
+    if (first == -1 && PyErr_Occurred()) return NULL;
+    if (first < 0) {
+        PyErr_SetString(PyExc_ValueError, "read_fields: first must not be negative");
+        return NULL;
+    }
+    if (headers_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_speedups.configure() was not called");
+        return NULL;
+    }
+    PyObject *headers = PyObject_CallNoArgs(headers_type);
+    PyObject *specials = NULL, *hop = NULL, *field = NULL;
+    if (headers == NULL) goto error; /* a list: configure() checked the type */
+    /* The size is read on every turn: _new_field is Python code. */
+    for (Py_ssize_t i = first; i < PyList_GET_SIZE(lines); i++) {
+        PyObject *line = PyList_GET_ITEM(lines, i);
+        Py_INCREF(line);
+        field = PyDict_GetItemWithError(field_cache, line);
+        if (field != NULL) {
+            Py_INCREF(field); /* held: _new_field may empty the cache */
+            Py_DECREF(line);
+            int appended = PyList_Append(headers, field);
+            Py_CLEAR(field);
+            if (appended < 0) goto error;
+            continue;
+        }
+        if (PyErr_Occurred()) {
+            Py_DECREF(line);
+            goto error;
+        }
+        field = PyDict_GetItemWithError(special_cache, line);
+        if (field != NULL) {
+            Py_INCREF(field);
+        } else if (!PyErr_Occurred()) {
+            field = PyObject_CallFunctionObjArgs(new_field, line, status, NULL);
+        }
+        Py_DECREF(line);
+        if (field == NULL) goto error;
+        if (!PyTuple_Check(field) || PyTuple_GET_SIZE(field) != 2) {
+            PyErr_SetString(PyExc_TypeError, "read_fields: a field is not a (name, value) tuple");
+            goto error;
+        }
+        PyObject *name = PyTuple_GET_ITEM(field, 0);
+        int is_special = PySet_Contains(special, name);
+        if (is_special < 0) goto error;
+        if (is_special) {
+            if (!append_lazily(&specials, field)) goto error;
+            int left_out = keep_out != Py_None ? PyObject_RichCompareBool(name, keep_out, Py_EQ) : 0;
+            if (left_out < 0) goto error;
+            if (left_out) {
+                Py_CLEAR(field);
+                continue;
+            }
+        }
+        if (hop_by_hop != Py_None) {
+            int is_hop = PySet_Contains(hop_by_hop, name);
+            if (is_hop < 0) goto error;
+            if (is_hop) {
+                if (!append_lazily(&hop, field)) goto error;
+                Py_CLEAR(field);
+                continue;
+            }
+        }
+        if (PyList_Append(headers, field) < 0) goto error;
+        Py_CLEAR(field);
+    }
+    PyObject *result = PyTuple_Pack(3, headers, specials ? specials : Py_None, hop ? hop : Py_None);
+    Py_DECREF(headers);
+    Py_XDECREF(specials);
+    Py_XDECREF(hop);
+    return result;
+error:
+    Py_XDECREF(field);
+    Py_XDECREF(headers);
+    Py_XDECREF(specials);
+    Py_XDECREF(hop);
+    return NULL;
+}
+
+/* configure(*, request_fallback, response_fallback, out_names, reasons,
+ *           name_cache_max, field_cache, special_cache, new_field, headers_type):
+ * parser.py shares its caches and names its Python functions. */
+static PyObject *
+configure(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"request_fallback", "response_fallback", "out_names", "reasons", "name_cache_max",
+                               "field_cache", "special_cache", "new_field", "headers_type", NULL};
+    PyObject *request, *response, *names, *phrases, *fields, *specials, *parse_field, *type;
+    Py_ssize_t cache_max;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOO!O!nO!O!OO!:configure", keywords, &request, &response,
+                                     &PySet_Type, &names, &PyDict_Type, &phrases, &cache_max, &PyDict_Type, &fields,
+                                     &PyDict_Type, &specials, &parse_field, &PyType_Type, &type))
+        return NULL;
+    if (!PyCallable_Check(request) || !PyCallable_Check(response) || !PyCallable_Check(parse_field)) {
+        PyErr_SetString(PyExc_TypeError, "configure: fallbacks and new_field must be callable");
+        return NULL;
+    }
+    if (!PyType_IsSubtype((PyTypeObject *)type, &PyList_Type)) {
+        PyErr_SetString(PyExc_TypeError, "configure: headers_type must be a list subclass");
+        return NULL;
+    }
+    Py_XSETREF(py_request_fallback, Py_NewRef(request));
+    Py_XSETREF(py_response_fallback, Py_NewRef(response));
+    Py_XSETREF(out_names, Py_NewRef(names));
+    Py_XSETREF(reasons, Py_NewRef(phrases));
+    Py_XSETREF(field_cache, Py_NewRef(fields));
+    Py_XSETREF(special_cache, Py_NewRef(specials));
+    Py_XSETREF(new_field, Py_NewRef(parse_field));
+    Py_XSETREF(headers_type, Py_NewRef(type));
     name_cache_max = cache_max;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"configure", configure, METH_VARARGS,
-     "configure(request_fallback, response_fallback, out_names, reasons, name_cache_max): "
-     "share parser.py's caches and name its Python serialisers, called for anything uncommon."},
+    {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
+     "configure(*, request_fallback, response_fallback, out_names, reasons, name_cache_max, field_cache, "
+     "special_cache, new_field, headers_type): parser.py's caches and Python functions."},
+    {"read_fields", (PyCFunction)(void (*)(void))read_fields, METH_FASTCALL,
+     "read_fields(lines, first, special, keep_out, hop_by_hop, status) -> (headers, specials, hop); "
+     "as parser._py_read_fields."},
     {"serialize_request_head", serialize_request_head, METH_O,
      "serialize_request_head(head) -> bytes; same as parser.py's."},
     {"serialize_response_head", serialize_response_head, METH_O,

@@ -1,6 +1,6 @@
-"""The C serialisers (``_speedups.c``) against the Python reference in
-``parser.py``: the same bytes, or the same exception type and message, for
-many generated heads, including every kind of bad input."""
+"""The C accelerator (``_speedups.c``) against the Python reference in
+``parser.py``: the same results, or the same exception type and message,
+for many generated heads, including every kind of bad input."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from outrider.extensions.codecs.http1 import parser
+from outrider.extensions.codecs.http1.framing import HOP_BY_HOP
 from outrider.http.message import Headers, RequestHead, ResponseHead
 
 speedups = pytest.importorskip("outrider.extensions.codecs.http1._speedups")
@@ -63,15 +64,16 @@ def pick_headers(rng: random.Random):
     return rng.choice([Headers, list, list, tuple])(fields)
 
 
-def outcome(serialise, head):
+def outcome(function, *args):
     try:
-        return serialise(head)
+        return function(*args)
     except Exception as exc:  # noqa: BLE001 - the comparison is the point
-        return (type(exc), str(exc))
+        return (type(exc), str(exc), exc.args)
 
 
 def configure(request_fallback, response_fallback):
-    speedups.configure(request_fallback, response_fallback, parser._OUT_NAMES, parser._REASONS, parser._CACHE_MAX)
+    config = parser.speedups_config()
+    speedups.configure(**{**config, "request_fallback": request_fallback, "response_fallback": response_fallback})
 
 
 @pytest.fixture(autouse=True)
@@ -160,3 +162,99 @@ def test_the_accelerator_is_used_when_built_and_the_switch_turns_it_off():
     ).stdout
     assert on.split() == ["True", "outrider.extensions.codecs.http1._speedups"]
     assert off.split() == ["False", "outrider.extensions.codecs.http1.parser"]
+
+
+# -- read_fields: the header loop of the parsers ------------------------------
+
+FIELD_NAMES = [
+    "Host", "host", "HOST", "Content-Length", "content-length", "Transfer-Encoding", "Connection", "Expect",
+    "TE", "Keep-Alive", "Upgrade", "Proxy-Connection", "Trailer", "X-Request-Id", "traceparent", "User-Agent",
+    "X-Custom", "x-custom", "a", "!#$%&'*+-.^_`|~", "x" * 600, "", " x", "\tx", "x ", "x\t", "bad name",
+    "x\x00", "x\r", "x\n", "\xe9t\xe9", "x\x7f", "x;y",
+]
+FIELD_VALUES = [
+    "", "v", "  padded\t ", "a\tb", "caf\xe9 \xa0", "\xa0", "\x7f", "\x01", "x\ry", "x\ny", "x\x00y",
+    "close", "keep-alive, x-custom", "chunked", "12", " 12 ", "1,1", "100-continue", "trailers", "y" * 700,
+]
+
+
+def pick_line(rng: random.Random) -> str:
+    roll = rng.random()
+    if roll < 0.05:
+        return rng.choice(["no colon", "", ":", ": value", "x:y:z", " folded: line"])
+    separator = rng.choice([":", ": ", ":\t", " :", ":  "])
+    return rng.choice(FIELD_NAMES) + separator + rng.choice(FIELD_VALUES)
+
+
+def clear_line_caches():
+    parser._FIELD_CACHE.clear()
+    parser._SPECIAL_CACHE.clear()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_header_lines_read_identically(seed):
+    """Each set of lines is read with empty caches and again with warm ones,
+    by both implementations, with the request's, the response's and the
+    trailers' arguments."""
+    rng = random.Random(seed)
+    for _ in range(300):
+        lines = ["START LINE"] + [pick_line(rng) for _ in range(rng.randrange(6))]
+        first, special, keep_out, hop, status = rng.choice(
+            [
+                (1, parser._REQUEST_SPECIAL, "host", HOP_BY_HOP, 400),
+                (1, parser._REQUEST_SPECIAL, "host", None, 400),
+                (1, parser._RESPONSE_SPECIAL, None, HOP_BY_HOP, 502),
+                (1, parser._RESPONSE_SPECIAL, None, None, 502),
+                (0, parser._FORBIDDEN_TRAILERS, None, None, 400),
+            ]
+        )
+        args = (lines, first, special, keep_out, hop, status)
+        clear_line_caches()
+        expected = outcome(parser._py_read_fields, *args)
+        clear_line_caches()
+        cold = outcome(speedups.read_fields, *args)
+        warm = outcome(speedups.read_fields, *args)
+        warm_python = outcome(parser._py_read_fields, *args)
+        assert cold == expected, lines
+        assert warm == expected == warm_python, lines
+        if type(expected) is tuple and type(expected[0]) is Headers:
+            assert type(cold[0]) is Headers
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_whole_heads_parse_identically(seed, monkeypatch):
+    """Through the parsers: the same heads (or errors) with either loop."""
+    rng = random.Random(seed)
+    for _ in range(200):
+        fields = [pick_line(rng) for _ in range(rng.randrange(6))]
+        request = "\r\n".join(["GET / HTTP/1.1", *fields]).encode("latin-1") + b"\r\n\r\n"
+        response = "\r\n".join(["HTTP/1.1 200 OK", *fields]).encode("latin-1") + b"\r\n\r\n"
+        drop = rng.random() < 0.5
+        results = []
+        for read_fields in (parser._py_read_fields, speedups.read_fields):
+            monkeypatch.setattr(parser, "_read_fields", read_fields)
+            clear_line_caches()
+            results.append((parse(parser.RequestParser, request, drop), parse(parser.ResponseParser, response, drop)))
+        assert results[0] == results[1], fields
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    def __getattr__(self, name):
+        if not name.startswith("on_"):
+            raise AttributeError(name)
+        return lambda *args: self.events.append((name, [describe(a) if hasattr(a, "__slots__") else a for a in args]))
+
+
+def parse(parser_type, data: bytes, drop: bool):
+    recorder = Recorder()
+    p = parser_type(recorder, drop_hop_by_hop=drop)
+    if parser_type is parser.ResponseParser:
+        p.expect("GET")
+    try:
+        p.feed(data)
+    except parser.ParseError as exc:
+        recorder.events.append(("error", exc.args))
+    return recorder.events
