@@ -9,19 +9,19 @@
  * both. parser.py picks these at import time unless OUTRIDER_NO_SPEEDUPS=1.
  *
  * read_fields is parser._py_read_fields (the header loop of the head and
- * trailer parsers), line for line: the same cache lookups in parser.py's
- * own dicts, and parser._new_field (Python) for a line missing
- * from them, so parsing, checking, caching and every error stay in Python.
+ * trailer parsers), line for line: the same lookups in parser.py's own line
+ * caches, and parser._new_field (Python) for a line missing from them, so
+ * parsing, checking, caching and every error stay in Python.
  *
- * For the serialisers, only the common case is handled here: exact str method, path, authority,
- * reason, names and values holding latin-1 text, headers a list (or a list
- * subclass that does not override iteration) of exact 2-tuples, names that
- * are tokens, no CR, LF or NUL anywhere. For anything else (subclasses whose
- * formatting may differ, non-latin-1 text, any invalid input) the Python
- * implementation is called on the same head, so every error message and
- * every rare case comes from the one readable implementation. Serialising is
- * pure apart from the shared cache of validated names, so running the Python
- * version after a partial C pass is harmless.
+ * The serialisers handle only the common case: exact str method, path,
+ * authority, reason, names and values holding latin-1 text; headers a list
+ * (or a list subclass that does not override iteration) of exact 2-tuples;
+ * names that are tokens; no CR, LF or NUL anywhere. For anything else
+ * (subclasses, whose formatting may differ; non-latin-1 text; any invalid
+ * input) the Python version is called on the same head, so every error
+ * message and every rare case comes from the one readable implementation.
+ * Serialising is pure apart from the shared cache of validated names, so
+ * running the Python version after a partial C pass is harmless.
  *
  * Each head is measured (and checked) first, then copied into a bytes
  * object of exactly that size. Normally no Python code can run in between,
@@ -349,12 +349,13 @@ append_lazily(PyObject **list, PyObject *item)
 }
 
 /*
- * lines[first:] -> (headers, specials, hop), as parser._py_read_fields: specials lists the fields named in `special`
- * (None if none), a field named `keep_out` among them is left out of the
- * headers (the request's Host), and with `hop_by_hop` a set, fields it names
- * go to hop (None if none) instead of the headers. Lines found in the caches
- * were checked when stored, and need no test of their names: like the
- * Python loop, only a line parsed now is sorted.
+ * lines[first:] -> (headers, specials, hop), as parser._py_read_fields:
+ * specials lists the fields named in `special` (None if none); a field named
+ * `keep_out` among them is left out of the headers (the request's Host);
+ * with `hop_by_hop` a set, the fields it names go to hop (None if none)
+ * instead of the headers. A line found in _FIELD_CACHE was checked when it
+ * was stored and has no special name: like the Python loop, only the other
+ * lines are sorted.
  */
 static PyObject *
 read_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -380,18 +381,22 @@ read_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *headers = PyObject_CallNoArgs(headers_type);
     PyObject *specials = NULL, *hop = NULL, *field = NULL;
-    if (headers == NULL) goto error; /* a list: configure() checked the type */
+    if (headers == NULL) goto error;
+    if (!PyList_Check(headers)) { /* a __new__ could return anything */
+        PyErr_SetString(PyExc_TypeError, "read_fields: headers_type() did not make a list");
+        goto error;
+    }
     /* The size is read on every turn: _new_field is Python code. */
     for (Py_ssize_t i = first; i < PyList_GET_SIZE(lines); i++) {
         PyObject *line = PyList_GET_ITEM(lines, i);
+        /* The line is held: a str subclass's __eq__ could run Python code
+         * during a lookup, as _new_field does (which may empty the caches:
+         * a field found is held too before anything else runs). */
         Py_INCREF(line);
-        field = PyDict_GetItemWithError(field_cache, line);
-        if (field != NULL) {
-            Py_INCREF(field); /* held: _new_field may empty the cache */
+        PyObject *hit = PyDict_GetItemWithError(field_cache, line);
+        if (hit != NULL) {
             Py_DECREF(line);
-            int appended = PyList_Append(headers, field);
-            Py_CLEAR(field);
-            if (appended < 0) goto error;
+            if (PyList_Append(headers, hit) < 0) goto error;
             continue;
         }
         if (PyErr_Occurred()) {
