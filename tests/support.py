@@ -454,7 +454,9 @@ def copy_source_tree(src: Path, dst: Path) -> Path:
     import shutil
 
     skip_top = {".git", "build", "dist", ".pytest_cache", ".benchmarks", "bench", "tests"}
-    skip_any = ("__pycache__", "*.egg-info", "*.pyc", ".venv*")
+    # *.so: modules built in place by an editable install; the wheel must
+    # carry the ones its own build compiles.
+    skip_any = ("__pycache__", "*.egg-info", "*.pyc", "*.so", ".venv*")
 
     def ignore(folder: str, names: list[str]) -> set[str]:
         top = Path(folder).resolve() == src.resolve()

@@ -17,6 +17,7 @@ than trusting it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -87,6 +88,20 @@ def test_the_wheel_carries_every_data_file(wheel_install):
     for name, module in BUILTINS.items():
         assert f"{name} = {module}" in entry_points
     assert "outrider = outrider.cli:main" in entry_points
+
+
+def test_the_wheel_carries_the_c_accelerator_when_this_install_has_it(wheel_install):
+    """Built by the wheel's own build (optional: a machine without a compiler
+    gets a pure-Python wheel, and so does the editable install there)."""
+    if importlib.util.find_spec("outrider.extensions.codecs.http1._speedups") is None:
+        pytest.skip("no C accelerator here: the wheel may be pure Python")
+    if os.environ.get("OUTRIDER_NO_SPEEDUPS"):
+        pytest.skip("OUTRIDER_NO_SPEEDUPS is set")
+    names = zipfile.ZipFile(wheel_install.wheel).namelist()
+    assert any(n.startswith("outrider/extensions/codecs/http1/_speedups.") and n.endswith(".so") for n in names), names
+    code = "from outrider.extensions.codecs.http1 import parser; print(parser.SPEEDUPS, parser._speedups.__file__)"
+    used, where = wheel_install.venv.run("-c", code).stdout.split()
+    assert used == "True" and where.startswith(str(wheel_install.venv.site_packages)), where
 
 
 WHERE = """
