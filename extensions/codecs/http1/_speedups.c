@@ -40,6 +40,7 @@ static PyObject *field_cache;          /* parser._FIELD_CACHE (dict line -> (nam
 static PyObject *special_cache;        /* parser._SPECIAL_CACHE */
 static PyObject *new_field;            /* parser._new_field(line, status) */
 static PyObject *headers_type;         /* outrider.http.message.Headers */
+static PyObject *py_request_line;      /* parser._py_request_line */
 static PyObject *py_request_fallback;  /* parser._py_serialize_request_head */
 static PyObject *py_response_fallback; /* parser._py_serialize_response_head */
 static PyObject *out_names;            /* parser._OUT_NAMES (set, shared) */
@@ -47,6 +48,7 @@ static PyObject *reasons;              /* parser._REASONS (dict int -> str) */
 static Py_ssize_t name_cache_max;      /* parser._CACHE_MAX */
 
 static PyObject *str_method, *str_path, *str_authority, *str_headers, *str_status, *str_reason;
+static PyObject *str_http11, *str_http10;
 
 /* RFC 9110 5.6.2 tchar, as parser._TCHAR. */
 static unsigned char is_tchar[256];
@@ -452,21 +454,151 @@ error:
     return NULL;
 }
 
+/* Appends the latin-1 text p[0:n] to lines as a str; 0 on error. */
+static int
+append_line(PyObject *lines, const char *p, Py_ssize_t n)
+{
+    PyObject *line = PyUnicode_DecodeLatin1(p, n, NULL);
+    if (line == NULL) return 0;
+    int ok = PyList_Append(lines, line) == 0;
+    Py_DECREF(line);
+    return ok;
+}
+
+/* The start of the first CRLF in p[0:n], or NULL: what str.split("\r\n")
+ * cuts at, scanning left to right. */
+static const char *
+find_crlf(const char *p, Py_ssize_t n)
+{
+    const char *end = p + n;
+    while (p < end) {
+        const char *cr = memchr(p, '\r', (size_t)(end - p));
+        if (cr == NULL || cr + 1 >= end) return NULL;
+        if (cr[1] == '\n') return cr;
+        p = cr + 1;
+    }
+    return NULL;
+}
+
+/*
+ * split_head(buf, start, end) -> list of str, as parser._py_split_head:
+ * buf[start:end].decode("latin-1").split("\r\n") without the two copies.
+ * buf is the parser's bytes or bytearray; 0 <= start <= end <= len(buf) is
+ * required (the parser's own indices; anything else is a ValueError). No
+ * Python code runs while the buffer is held, so it cannot be resized.
+ */
+static PyObject *
+split_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "split_head(buf, start, end)");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t end = PyLong_AsSsize_t(args[2]);
+    if (end == -1 && PyErr_Occurred()) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *lines = NULL;
+    if (start < 0 || start > end || end > view.len) {
+        PyErr_SetString(PyExc_ValueError, "split_head: indices out of range");
+        goto done;
+    }
+    lines = PyList_New(0);
+    if (lines == NULL) goto done;
+    const char *p = (const char *)view.buf + start;
+    const char *stop = (const char *)view.buf + end;
+    for (const char *crlf; (crlf = find_crlf(p, stop - p)) != NULL; p = crlf + 2) {
+        if (!append_line(lines, p, crlf - p)) goto fail;
+    }
+    if (append_line(lines, p, stop - p)) goto done;
+fail:
+    Py_CLEAR(lines);
+done:
+    PyBuffer_Release(&view);
+    return lines;
+}
+
+/* The version of a request line if it is "HTTP/1.1" or "HTTP/1.0" (a new
+ * reference to the interned constant), else NULL without an error. */
+static PyObject *
+known_version(const unsigned char *p, Py_ssize_t n)
+{
+    if (n != 8 || memcmp(p, "HTTP/1.", 7) != 0) return NULL;
+    if (p[7] == '1') return Py_NewRef(str_http11);
+    if (p[7] == '0') return Py_NewRef(str_http10);
+    return NULL;
+}
+
+/* Nonzero if p[0:n] is a request-target that _py_request_line accepts:
+ * not empty, printable ASCII without space, no '#'. */
+static int
+is_plain_target(const unsigned char *p, Py_ssize_t n)
+{
+    if (n == 0) return 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (p[i] < 0x21 || p[i] > 0x7e || p[i] == '#') return 0;
+    }
+    return 1;
+}
+
+/*
+ * request_line(line) -> (method, target, version), as
+ * parser._py_request_line, which gets every line this does not accept (so
+ * every error is Python's). Accepted: an exact str "METHOD SP target SP
+ * HTTP/1.x" with exactly two spaces, a token method and a target that is
+ * printable ASCII without '#'. The version is returned as the interned
+ * constant (equal to what split would give).
+ */
+static PyObject *
+request_line(PyObject *module, PyObject *line)
+{
+    if (py_request_line == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_speedups.configure() was not called");
+        return NULL;
+    }
+    if (!is_latin1_str(line)) return PyObject_CallOneArg(py_request_line, line);
+    const unsigned char *p = PyUnicode_1BYTE_DATA(line);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(line);
+    const unsigned char *sp1 = memchr(p, ' ', (size_t)n);
+    const unsigned char *sp2 = sp1 ? memchr(sp1 + 1, ' ', (size_t)(n - (sp1 + 1 - p))) : NULL;
+    if (sp2 == NULL || memchr(sp2 + 1, ' ', (size_t)(n - (sp2 + 1 - p))) != NULL)
+        return PyObject_CallOneArg(py_request_line, line);
+    Py_ssize_t method_len = sp1 - p, target_len = sp2 - (sp1 + 1);
+    PyObject *version = known_version(sp2 + 1, n - (sp2 + 1 - p));
+    if (version == NULL || !is_token(p, method_len) || !is_plain_target(sp1 + 1, target_len)) {
+        Py_XDECREF(version);
+        return PyObject_CallOneArg(py_request_line, line);
+    }
+    PyObject *method = PyUnicode_Substring(line, 0, method_len);
+    PyObject *target = method ? PyUnicode_Substring(line, method_len + 1, method_len + 1 + target_len) : NULL;
+    PyObject *result = target ? PyTuple_Pack(3, method, target, version) : NULL;
+    Py_XDECREF(method);
+    Py_XDECREF(target);
+    Py_DECREF(version);
+    return result;
+}
+
 /* configure(*, request_fallback, response_fallback, out_names, reasons,
- *           name_cache_max, field_cache, special_cache, new_field, headers_type):
+ *           name_cache_max, field_cache, special_cache, new_field, headers_type,
+ *           request_line_fallback):
  * parser.py shares its caches and names its Python functions. */
 static PyObject *
 configure(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"request_fallback", "response_fallback", "out_names", "reasons", "name_cache_max",
-                               "field_cache", "special_cache", "new_field", "headers_type", NULL};
-    PyObject *request, *response, *names, *phrases, *fields, *specials, *parse_field, *type;
+                               "field_cache", "special_cache", "new_field", "headers_type", "request_line_fallback",
+                               NULL};
+    PyObject *request, *response, *names, *phrases, *fields, *specials, *parse_field, *type, *parse_request_line;
     Py_ssize_t cache_max;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOO!O!nO!O!OO!:configure", keywords, &request, &response,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOO!O!nO!O!OO!O:configure", keywords, &request, &response,
                                      &PySet_Type, &names, &PyDict_Type, &phrases, &cache_max, &PyDict_Type, &fields,
-                                     &PyDict_Type, &specials, &parse_field, &PyType_Type, &type))
+                                     &PyDict_Type, &specials, &parse_field, &PyType_Type, &type,
+                                     &parse_request_line))
         return NULL;
-    if (!PyCallable_Check(request) || !PyCallable_Check(response) || !PyCallable_Check(parse_field)) {
+    if (!PyCallable_Check(request) || !PyCallable_Check(response) || !PyCallable_Check(parse_field) ||
+        !PyCallable_Check(parse_request_line)) {
         PyErr_SetString(PyExc_TypeError, "configure: fallbacks and new_field must be callable");
         return NULL;
     }
@@ -482,6 +614,7 @@ configure(PyObject *module, PyObject *args, PyObject *kwargs)
     Py_XSETREF(special_cache, Py_NewRef(specials));
     Py_XSETREF(new_field, Py_NewRef(parse_field));
     Py_XSETREF(headers_type, Py_NewRef(type));
+    Py_XSETREF(py_request_line, Py_NewRef(parse_request_line));
     name_cache_max = cache_max;
     Py_RETURN_NONE;
 }
@@ -489,10 +622,14 @@ configure(PyObject *module, PyObject *args, PyObject *kwargs)
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
      "configure(*, request_fallback, response_fallback, out_names, reasons, name_cache_max, field_cache, "
-     "special_cache, new_field, headers_type): parser.py's caches and Python functions."},
+     "special_cache, new_field, headers_type, request_line_fallback): parser.py's caches and Python functions."},
     {"read_fields", (PyCFunction)(void (*)(void))read_fields, METH_FASTCALL,
      "read_fields(lines, first, special, keep_out, hop_by_hop, status) -> (headers, specials, hop); "
      "as parser._py_read_fields."},
+    {"split_head", (PyCFunction)(void (*)(void))split_head, METH_FASTCALL,
+     "split_head(buf, start, end) -> list of str; as parser._py_split_head."},
+    {"request_line", request_line, METH_O,
+     "request_line(line) -> (method, target, version); as parser._py_request_line."},
     {"serialize_request_head", serialize_request_head, METH_O,
      "serialize_request_head(head) -> bytes; same as parser.py's."},
     {"serialize_response_head", serialize_response_head, METH_O,
@@ -511,7 +648,8 @@ PyInit__speedups(void)
     if (!(str_method = PyUnicode_InternFromString("method")) || !(str_path = PyUnicode_InternFromString("path")) ||
         !(str_authority = PyUnicode_InternFromString("authority")) ||
         !(str_headers = PyUnicode_InternFromString("headers")) ||
-        !(str_status = PyUnicode_InternFromString("status")) || !(str_reason = PyUnicode_InternFromString("reason")))
+        !(str_status = PyUnicode_InternFromString("status")) || !(str_reason = PyUnicode_InternFromString("reason")) ||
+        !(str_http11 = PyUnicode_InternFromString("HTTP/1.1")) || !(str_http10 = PyUnicode_InternFromString("HTTP/1.0")))
         return NULL;
     return PyModule_Create(&module_def);
 }

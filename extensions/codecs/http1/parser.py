@@ -279,6 +279,13 @@ def _py_read_fields(
     return headers, specials, hop
 
 
+def _py_split_head(buf: bytes | bytearray, start: int, end: int) -> list[str]:
+    """The lines of the head or trailer block ``buf[start:end]`` (its final
+    CRLFCRLF excluded), decoded as latin-1 so that every byte round-trips.
+    ``_speedups.split_head`` is this in C, without the two copies."""
+    return buf[start:end].decode("latin-1").split("\r\n")
+
+
 def _check_block(raw: bytes | bytearray, status: int, first_line_reason: str | None) -> None:
     """Raise the error for the first CTL or bare CR/LF in a head or trailer
     block, if it holds one (error path).
@@ -485,7 +492,7 @@ class _Parser:
                         self._unterminated(buf, pos, n)
                         break
                     self._scanned = 0
-                    lines = buf[pos:end].decode("latin-1").split("\r\n")
+                    lines = _split_head(buf, pos, end)
                     # Characters are checked line by line as the head is
                     # parsed; see _check_block for why it runs on any error.
                     try:
@@ -564,7 +571,7 @@ class _Parser:
                         self._unterminated(buf, pos, n)
                         break
                     self._scanned = 0
-                    lines = buf[pos:end].decode("latin-1").split("\r\n")
+                    lines = _split_head(buf, pos, end)
                     try:
                         if end + 4 - pos > self._max_header_bytes:
                             self._too_large(end + 4 - pos)
@@ -662,23 +669,7 @@ class RequestParser(_Parser):
             raise self._error
 
     def _on_head(self, lines: list[str]) -> None:
-        parts = lines[0].split(" ")
-        if len(parts) != 3:
-            raise ParseError(400, "invalid_request_line", f"malformed request line {lines[0][:80]!r}")
-        method, target, version = parts
-        if version != "HTTP/1.1" and version != "HTTP/1.0":
-            if _VERSION.fullmatch(version):
-                raise ParseError(505, "unsupported_http_version", version)
-            raise ParseError(400, "invalid_request_line", f"invalid version {version[:20]!r}")
-        if method not in _METHODS and _TOKEN.fullmatch(method) is None:
-            raise ParseError(400, "invalid_request_line", f"invalid method {method[:20]!r}")
-        # Printable ASCII only: no HTAB, no obs-text (split removed spaces).
-        # With the method and version checks, no control character is left
-        # anywhere in the request line: it needs no check of its own.
-        if not target.isascii() or not target.isprintable() or not target:
-            raise ParseError(400, "invalid_request_line", "invalid request-target")
-        if "#" in target:
-            raise ParseError(400, "invalid_request_line", "fragment in request-target")
+        method, target, version = _request_line(lines[0])
         authority = None
         scheme = "http"
         if target[0] != "/":
@@ -784,6 +775,29 @@ class RequestParser(_Parser):
             self._blank_lines = 0
             if handler.on_message_complete():
                 self.paused = True
+
+
+def _py_request_line(line: str) -> tuple[str, str, str]:
+    """Split and check a request line: (method, request-target, version).
+    ``_speedups.request_line`` is this in C for the common case."""
+    parts = line.split(" ")
+    if len(parts) != 3:
+        raise ParseError(400, "invalid_request_line", f"malformed request line {line[:80]!r}")
+    method, target, version = parts
+    if version != "HTTP/1.1" and version != "HTTP/1.0":
+        if _VERSION.fullmatch(version):
+            raise ParseError(505, "unsupported_http_version", version)
+        raise ParseError(400, "invalid_request_line", f"invalid version {version[:20]!r}")
+    if method not in _METHODS and _TOKEN.fullmatch(method) is None:
+        raise ParseError(400, "invalid_request_line", f"invalid method {method[:20]!r}")
+    # Printable ASCII only: no HTAB, no obs-text (split removed spaces).
+    # With the method and version checks, no control character is left
+    # anywhere in the request line: it needs no check of its own.
+    if not target.isascii() or not target.isprintable() or not target:
+        raise ParseError(400, "invalid_request_line", "invalid request-target")
+    if "#" in target:
+        raise ParseError(400, "invalid_request_line", "fragment in request-target")
+    return method, target, version
 
 
 def _status_line(line: str) -> tuple[str, int, str]:
@@ -1087,11 +1101,15 @@ def encode_trailers(trailers: Headers) -> bytes:
 # OUTRIDER_NO_SPEEDUPS is set. Its serialisers hand anything uncommon, errors
 # included, back to the Python ones (kept as py_* for that and for the
 # differential tests); its read_fields is _py_read_fields, calling
-# _new_field for lines missing from the caches.
+# _new_field for lines missing from the caches; its split_head is
+# _py_split_head; its request_line hands any line it does not accept to
+# _py_request_line.
 
 py_serialize_request_head = serialize_request_head
 py_serialize_response_head = serialize_response_head
 _read_fields = _py_read_fields
+_split_head = _py_split_head
+_request_line = _py_request_line
 SPEEDUPS = False
 
 
@@ -1108,6 +1126,7 @@ def speedups_config() -> dict:
         "special_cache": _SPECIAL_CACHE,
         "new_field": _new_field,
         "headers_type": Headers,
+        "request_line_fallback": _py_request_line,
     }
 
 
@@ -1128,4 +1147,6 @@ if _speedups is not None:
     serialize_request_head = _speedups.serialize_request_head  # noqa: F811
     serialize_response_head = _speedups.serialize_response_head  # noqa: F811
     _read_fields = _speedups.read_fields
+    _split_head = _speedups.split_head
+    _request_line = _speedups.request_line
     SPEEDUPS = True

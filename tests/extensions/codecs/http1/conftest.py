@@ -13,6 +13,8 @@ _PYTHON_VERSIONS = {
     "serialize_request_head": "py_serialize_request_head",
     "serialize_response_head": "py_serialize_response_head",
     "_read_fields": "_py_read_fields",
+    "_split_head": "_py_split_head",
+    "_request_line": "_py_request_line",
 }
 
 

@@ -258,3 +258,178 @@ def parse(parser_type, data: bytes, drop: bool):
     except parser.ParseError as exc:
         recorder.events.append(("error", exc.args))
     return recorder.events
+
+
+# -- split_head and request_line: the run loop and the request line ----------
+
+BLOCK_PIECES = [b"\r\n", b"\r", b"\n", b"\r\r\n", b"\r\n\r\n", b"a", b"Host: h", b" ", b"\t", b"\x00", b"\x7f", b"\xe9", b"\xff"]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_blocks_split_identically(seed):
+    rng = random.Random(seed)
+    for _ in range(500):
+        data = b"".join(rng.choice(BLOCK_PIECES) for _ in range(rng.randrange(12)))
+        start = rng.randrange(len(data) + 1)
+        end = rng.randrange(start, len(data) + 1)
+        for buf in (data, bytearray(data)):
+            assert speedups.split_head(buf, start, end) == parser._py_split_head(buf, start, end), (data, start, end)
+
+
+def test_split_head_refuses_indices_outside_the_buffer():
+    for start, end in ((-1, 2), (2, 1), (0, 4), (5, 5)):
+        with pytest.raises(ValueError):
+            speedups.split_head(b"abc", start, end)
+    with pytest.raises(TypeError):
+        speedups.split_head("abc", 0, 1)
+
+
+REQUEST_METHODS = ["GET", "POST", "OPTIONS", "CONNECT", "M-SEARCH", "get", "", "G(T", "G\tT", "G\x00", "\xe9", "G\x7f"]
+REQUEST_TARGETS = [
+    "/", "/a?b=c", "*", "http://h/p", "h:443", "", "/a#f", "#", "/\xe9", "/\x7f", "/\x00", "/\t", "/\r", "~", "/" + "p" * 300,
+]
+REQUEST_VERSIONS = ["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.2", "http/1.1", "HTTP/1.10", "HTTP/1.", "", "HTTP/1.1 "]
+
+
+def pick_request_line(rng: random.Random) -> str:
+    parts = [rng.choice(REQUEST_METHODS), rng.choice(REQUEST_TARGETS), rng.choice(REQUEST_VERSIONS)]
+    if rng.random() < 0.2:
+        parts.insert(rng.randrange(4), rng.choice(["", "x", " "]))
+    return rng.choice([" ", " ", " ", "  ", "\t"]).join(parts)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_request_lines_read_identically(seed):
+    rng = random.Random(seed)
+    for _ in range(500):
+        line = pick_request_line(rng)
+        assert outcome(speedups.request_line, line) == outcome(parser._py_request_line, line), line
+    for line in (Text("GET / HTTP/1.1"), "GET /\u20ac HTTP/1.1", 7):
+        assert outcome(speedups.request_line, line) == outcome(parser._py_request_line, line), line
+
+
+def test_common_request_lines_are_read_in_c():
+    calls = []
+    config = parser.speedups_config()
+    speedups.configure(**{**config, "request_line_fallback": lambda line: calls.append(line) or ("", "", "")})
+    assert speedups.request_line("GET /a?b=c HTTP/1.1") == ("GET", "/a?b=c", "HTTP/1.1")
+    assert speedups.request_line("M-SEARCH * HTTP/1.0") == ("M-SEARCH", "*", "HTTP/1.0")
+    assert calls == []
+    speedups.request_line("GET /a#b HTTP/1.1")
+    assert calls == ["GET /a#b HTTP/1.1"]
+
+
+# Pieces of request and response streams: common messages, the shapes the
+# run loop treats apart, and every kind of bad input.
+REQUEST_STREAM_PIECES = [
+    b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET /a?b=c HTTP/1.1\r\nHost: example.com\r\nUser-Agent: t\r\nAccept: */*\r\n\r\n",
+    b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST /p HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: v\r\n\r\n",
+    b"POST /p HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET http://h:8080/x HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"OPTIONS * HTTP/1.0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close, x-hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\n\r\n",
+    b"\r\n", b"\r\n\r\n", b"\n", b"\r",
+    b"GET / HTTP/1.1\r\nHost: h\r\n folded\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\nX: y\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\rX: y\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\x00\r\n\r\n",
+    b"GET /\x00 HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX: " + b"v" * 300 + b"\r\nHost: h\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 12 + b"Host: h\r\n\r\n",
+    b"GET  / HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET /#f HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET / HTTP/2.0\r\nHost: h\r\n\r\n",
+    b"G@T / HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET /\xe9 HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\nX: caf\xe9\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+]
+RESPONSE_STREAM_PIECES = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nServer: s\r\nDate: d\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 204 No Content\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nX-T: v\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
+    b"HTTP/1.1 404\r\nContent-Length: 0\r\n\r\n",
+    b"\r\n", b"\n", b"\r",
+    b"HTTP/1.1 200 OK\r\n folded\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 O\x00K\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX: " + b"v" * 300 + b"\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 12 + b"Content-Length: 0\r\n\r\n",
+    b"HTTP/2.0 200 OK\r\n\r\n",
+    b"HTTP/1.1 2000 OK\r\n\r\n",
+]
+
+#: parser.py's parsing functions that _speedups replaces -> (the Python
+#: version, the C one).
+REPLACED = {
+    "_split_head": (parser._py_split_head, speedups.split_head),
+    "_request_line": (parser._py_request_line, speedups.request_line),
+    "_read_fields": (parser._py_read_fields, speedups.read_fields),
+}
+
+
+def feed_in_pieces(p, stream: bytes, rng: random.Random, recorder) -> None:
+    """Feed ``stream`` cut at random places (often one byte at a time),
+    sometimes as bytearrays, resuming whenever a message paused the parser."""
+    pos = 0
+    try:
+        while pos < len(stream):
+            size = rng.choice([1, 1, 2, 3, 7, 64, len(stream)])
+            piece = stream[pos : pos + size]
+            pos += size
+            p.feed(bytearray(piece) if rng.random() < 0.2 else piece)
+            while p.paused:
+                p.resume()
+        p.feed_eof()
+    except parser.ParseError as exc:
+        recorder.events.append(("error", exc.args))
+
+
+class PausingRecorder(Recorder):
+    """Pauses after some messages, as a proxy waiting for its upstream does."""
+
+    def __init__(self, rng):
+        super().__init__()
+        self.rng = rng
+
+    def on_message_complete(self):
+        self.events.append(("on_message_complete", []))
+        return self.rng.random() < 0.3
+
+
+def parse_stream(parser_type, stream: bytes, seed: int):
+    rng = random.Random(seed)
+    recorder = PausingRecorder(rng)
+    p = parser_type(recorder, max_header_bytes=rng.choice([60 * 1024, 200]), max_headers=rng.choice([100, 8]),
+                    drop_hop_by_hop=rng.random() < 0.5)
+    if parser_type is parser.ResponseParser:
+        for _ in range(20):
+            p.expect(rng.choice(["GET", "GET", "HEAD"]))
+    feed_in_pieces(p, stream, rng, recorder)
+    return recorder.events
+
+
+@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("parser_type", [parser.RequestParser, parser.ResponseParser])
+def test_streams_parse_identically_however_they_are_cut(seed, parser_type, monkeypatch):
+    """Pipelined messages, good and bad, cut anywhere: the same events and
+    errors with the C functions as with the Python ones."""
+    rng = random.Random(seed)
+    pieces = REQUEST_STREAM_PIECES if parser_type is parser.RequestParser else RESPONSE_STREAM_PIECES
+    for _ in range(30):
+        stream = b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 5)))
+        cut_seed = rng.random()
+        results = []
+        for implementation in (0, 1):
+            for name, versions in REPLACED.items():
+                monkeypatch.setattr(parser, name, versions[implementation])
+            clear_line_caches()
+            results.append(parse_stream(parser_type, stream, cut_seed))
+        assert results[0] == results[1], stream
