@@ -454,17 +454,6 @@ error:
     return NULL;
 }
 
-/* Appends the latin-1 text p[0:n] to lines as a str; 0 on error. */
-static int
-append_line(PyObject *lines, const char *p, Py_ssize_t n)
-{
-    PyObject *line = PyUnicode_DecodeLatin1(p, n, NULL);
-    if (line == NULL) return 0;
-    int ok = PyList_Append(lines, line) == 0;
-    Py_DECREF(line);
-    return ok;
-}
-
 /* The start of the first CRLF in p[0:n], or NULL: what str.split("\r\n")
  * cuts at, scanning left to right. */
 static const char *
@@ -478,6 +467,26 @@ find_crlf(const char *p, Py_ssize_t n)
         p = cr + 1;
     }
     return NULL;
+}
+
+/* How many lines str.split("\r\n") makes of p[0:n]. */
+static Py_ssize_t
+count_lines(const char *p, Py_ssize_t n)
+{
+    const char *stop = p + n;
+    Py_ssize_t count = 1;
+    for (const char *crlf; (crlf = find_crlf(p, stop - p)) != NULL; p = crlf + 2) count++;
+    return count;
+}
+
+/* Puts the latin-1 text p[0:n] in lines[i] as a str; 0 on error. */
+static int
+set_line(PyObject *lines, Py_ssize_t i, const char *p, Py_ssize_t n)
+{
+    PyObject *line = PyUnicode_DecodeLatin1(p, n, NULL);
+    if (line == NULL) return 0;
+    PyList_SET_ITEM(lines, i, line);
+    return 1;
 }
 
 /*
@@ -505,14 +514,22 @@ split_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "split_head: indices out of range");
         goto done;
     }
-    lines = PyList_New(0);
-    if (lines == NULL) goto done;
     const char *p = (const char *)view.buf + start;
     const char *stop = (const char *)view.buf + end;
-    for (const char *crlf; (crlf = find_crlf(p, stop - p)) != NULL; p = crlf + 2) {
-        if (!append_line(lines, p, crlf - p)) goto fail;
+    /* Counted first: a list made at its size is filled without regrowing
+     * (a list's unset items are NULL, which freeing it on error skips). */
+    Py_ssize_t count = count_lines(p, stop - p);
+    lines = PyList_New(count);
+    if (lines == NULL) goto done;
+    Py_ssize_t i = 0;
+    for (const char *crlf; i < count - 1 && (crlf = find_crlf(p, stop - p)) != NULL; p = crlf + 2) {
+        if (!set_line(lines, i++, p, crlf - p)) goto fail;
     }
-    if (append_line(lines, p, stop - p)) goto done;
+    if (i != count - 1) { /* unreachable: the held buffer cannot change */
+        PyErr_SetString(PyExc_RuntimeError, "split_head: the buffer changed");
+        goto fail;
+    }
+    if (set_line(lines, i, p, stop - p)) goto done;
 fail:
     Py_CLEAR(lines);
 done:
