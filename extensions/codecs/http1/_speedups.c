@@ -1,6 +1,7 @@
 /*
- * Optional C versions of the http1 codec's hot paths: the head serialisers
- * and the header-line loop of the head parsers.
+ * Optional C versions of the http1 codec's hot paths: the head serialisers,
+ * and in the head parsers the splitting of a head into lines, the request
+ * line and the header-line loop.
  *
  * This file mirrors parser.py, which stays the reference:
  * tests/extensions/codecs/http1/test_speedups.py feeds generated heads (bad
@@ -12,6 +13,15 @@
  * trailer parsers), line for line: the same lookups in parser.py's own line
  * caches, and parser._new_field (Python) for a line missing from them, so
  * parsing, checking, caching and every error stay in Python.
+ *
+ * split_head is parser._py_split_head (decode as latin-1, split at CRLFs)
+ * without its two intermediate copies; it has no error cases of its own.
+ * request_line accepts only the common shape (exactly two spaces, a token
+ * method, a target of printable ASCII without '#', HTTP/1.1 or HTTP/1.0) and
+ * hands every other line to parser._py_request_line, which raises the
+ * errors. The run loop around them (finding the CRLFCRLF, size limits, the
+ * bad-character checks of _check_block and _unterminated) stays in Python:
+ * the tests feed whole streams cut at random places through both.
  *
  * The serialisers handle only the common case: exact str method, path,
  * authority, reason, names and values holding latin-1 text; headers a list
