@@ -746,7 +746,7 @@ class _CodeBuilder:
             return f"{{_esc(_t{n})}}"
         if value is None or isinstance(value, (bool, int, float)):
             return _fstring_literal(json.dumps(value))
-        raise ValueError(f"json_format{path}: expected a format string, a number, true/false or a mapping, got {type(value).__name__}")
+        raise _bad_json_value(value, path)
 
     def finish(self, body: str) -> tuple[list[tuple[str, str]], list[str], str]:
         """(captures as ``(variable, expression over info)``, the statements
@@ -825,10 +825,18 @@ def compile_deferred_json_format(mapping: dict[str, Any]) -> DeferredFormat:
     lines (newline-terminated, compact, ASCII): the text of
     ``json.dumps(compile_json_format(mapping)(info), separators=(",", ":"))``,
     generated directly instead of through a dict and the encoder."""
-    if not isinstance(mapping, dict):
-        raise ValueError("json_format: expected a mapping of keys to format strings")
+    _check_json_mapping(mapping)
     builder = _CodeBuilder()
     return builder.define_deferred(builder.json(mapping, "") + "\\x0a")
+
+
+def _bad_json_value(value: Any, path: str) -> ValueError:
+    return ValueError(f"json_format{path}: expected a format string, a number, true/false or a mapping, got {type(value).__name__}")
+
+
+def _check_json_mapping(mapping: Any) -> None:
+    if not isinstance(mapping, dict):
+        raise ValueError("json_format: expected a mapping of keys to format strings")
 
 
 def _json_value(value: Any, path: str) -> Getter:
@@ -845,7 +853,7 @@ def _json_value(value: Any, path: str) -> Getter:
         return compile_format(value)
     if value is None or isinstance(value, (bool, int, float)):
         return lambda info: value
-    raise ValueError(f"json_format{path}: expected a format string, a number, true/false or a mapping, got {type(value).__name__}")
+    raise _bad_json_value(value, path)
 
 
 def compile_json_format(mapping: dict[str, Any]) -> Callable[[Any], dict[str, Any]]:
@@ -853,8 +861,7 @@ def compile_json_format(mapping: dict[str, Any]) -> Callable[[Any], dict[str, An
     string (one operator alone keeps its type: numbers are numbers, a missing
     value is ``null``; mixed with text it is a string), a nested mapping, or
     a constant."""
-    if not isinstance(mapping, dict):
-        raise ValueError("json_format: expected a mapping of keys to format strings")
+    _check_json_mapping(mapping)
     return _json_value(mapping, "")  # type: ignore[return-value]
 
 

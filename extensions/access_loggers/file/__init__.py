@@ -104,10 +104,14 @@ class _Writer:
     def attach(self, render_held: Callable[[], None]) -> None:
         """A logger of this file: flushes render what it holds."""
         self.renderers.append(render_held)
-        self.render_at[0] = RENDER_LINES if len(self.renderers) == 1 else 1
+        self._set_render_at()
 
     def detach(self, render_held: Callable[[], None]) -> None:
         self.renderers.remove(render_held)
+        self._set_render_at()
+
+    def _set_render_at(self) -> None:
+        # Loggers sharing the file render each line at once (line order).
         self.render_at[0] = RENDER_LINES if len(self.renderers) <= 1 else 1
 
     def schedule(self) -> None:
