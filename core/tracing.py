@@ -172,6 +172,9 @@ class Span:
 
     ``start_ns`` is wall-clock time (``time.time_ns()``); the duration is
     measured on the monotonic clock, so a clock step does not distort it.
+    A child span's start is its parent's plus the monotonic time since, so a
+    child never falls outside its parent when the wall clock is slewed or
+    stepped while the request is in flight.
     Tag values are ``str`` or ``int``; ``error`` holds a short reason.
     """
 
@@ -179,7 +182,14 @@ class Span:
     recording = True
 
     def __init__(
-        self, tracer: "Tracer", context: SpanContext, name: str, kind: str, local: Endpoint, remote: Endpoint | None = None
+        self,
+        tracer: "Tracer",
+        context: SpanContext,
+        name: str,
+        kind: str,
+        local: Endpoint,
+        remote: Endpoint | None = None,
+        parent: "Span | None" = None,
     ) -> None:
         self.tracer = tracer
         self.context = context
@@ -188,8 +198,8 @@ class Span:
         self.local = local
         self.remote = remote
         self.tags: dict[str, str | int] = {}
-        self.start_ns = time.time_ns()
         self._started = time.monotonic_ns()
+        self.start_ns = time.time_ns() if parent is None else parent.start_ns + (self._started - parent._started)
         #: Set when the span finishes.
         self.duration_ns: int | None = None
 
@@ -201,7 +211,7 @@ class Span:
         """A CLIENT span in the same trace, with this one as its parent."""
         ctx = self.context
         context = SpanContext(ctx.trace_id, new_id(), ctx.span_id, True, ctx.debug, ctx.tracestate)
-        return Span(self.tracer, context, name, CLIENT, self.local, remote)
+        return Span(self.tracer, context, name, CLIENT, self.local, remote, parent=self)
 
     def inject(self, headers: "Headers") -> None:
         """Put this span's context in ``headers`` (an upstream request's)."""

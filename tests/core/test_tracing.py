@@ -122,6 +122,19 @@ def test_client_spans_are_children_and_finish_once():
     assert first.end_ns == first.start_ns + first.duration_ns
 
 
+def test_a_child_span_stays_inside_its_parent_when_the_wall_clock_moves(monkeypatch):
+    # CI saw an attempt end 126 us after its server span: each span read the
+    # wall clock on its own while NTP slewed it. A step shows it plainly.
+    t, _ = tracing()
+    server = t.start_server_span(stream())
+    wall_at_server_start = server.start_ns
+    monkeypatch.setattr("outrider.tracing.time.time_ns", lambda: wall_at_server_start - 3_600_000_000_000)
+    client = server.child("router api egress")
+    client.finish()
+    server.finish()
+    assert server.start_ns <= client.start_ns <= client.end_ns <= server.end_ns
+
+
 def test_a_tracer_that_raises_fails_neither_the_request_nor_the_span():
     t, store = tracing()
 
