@@ -12,6 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from outrider.http.message import Headers, RequestHead
+from outrider.write_batch import BatchedWriter
 
 from .parser import LAST_CHUNK, ParseError, ResponseParser, encode_chunk, encode_trailers, serialize_request_head
 
@@ -35,7 +36,10 @@ class UpstreamHandler:
     def on_upstream_write_resumed(self) -> None: ...
 
 
-class Http1ClientConnection(asyncio.Protocol):
+class Http1ClientConnection(BatchedWriter, asyncio.Protocol):
+    """One pooled upstream connection; its writes wait for the end of the
+    loop's batch of events (write_batch.py)."""
+
     def __init__(self, pool: "ConnectionPool") -> None:
         self.pool = pool
         self.stats = pool.cluster.stats
@@ -51,6 +55,7 @@ class Http1ClientConnection(asyncio.Protocol):
         self._response_ended = False
         self._method = "GET"
         self._trailers: Headers | None = None
+        self.init_batched_writes(asyncio.get_event_loop())
 
     # -- pool interface ---------------------------------------------------
 
@@ -62,6 +67,7 @@ class Http1ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
+            self.flush_writes()
             self.closed = True
             self.transport.close()
 
@@ -114,7 +120,7 @@ class Http1ClientConnection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if not self.closed and data:
             self.stats.upstream_cx_tx_bytes_total.value += len(data)
-            self.transport.write(data)  # type: ignore[union-attr]
+            self.batched_write(data)
 
     def detach(self) -> None:
         """The request was abandoned mid-way: this connection can't be reused."""

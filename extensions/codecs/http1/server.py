@@ -13,6 +13,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from outrider.http.message import Headers, ResponseHead
+from outrider.write_batch import BatchedWriter
 
 from .parser import LAST_CHUNK, ParseError, RequestParser, encode_chunk, encode_trailers, serialize_response_head
 
@@ -26,10 +27,6 @@ _NO_BODY_STATUSES = frozenset((204, 304))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Bytes of unparsed pipelined input we hold before we stop reading the socket.
 _MAX_BUFFERED_INPUT = 256 * 1024
-# A held response head is joined to a body chunk up to this size; past it the
-# two go out in one writelines (one writev with uvloop), so that a large body
-# is not copied just to put the head in front of it.
-_JOIN_MAX = 4096
 
 
 def error_response(status: int, body: str) -> bytes:
@@ -42,8 +39,12 @@ def error_response(status: int, body: str) -> bytes:
     ).encode() + payload
 
 
-class Http1ServerConnection(asyncio.Protocol):
-    """One client connection speaking HTTP/1.1 (or 1.0)."""
+class Http1ServerConnection(BatchedWriter, asyncio.Protocol):
+    """One client connection speaking HTTP/1.1 (or 1.0).
+
+    Writes wait for the end of the loop's batch of events (write_batch.py),
+    which also puts a response head and its first body chunk in one writev.
+    """
 
     def __init__(self, hcm: "HttpConnectionManager", listener: "Listener") -> None:
         self.hcm = hcm
@@ -66,7 +67,6 @@ class Http1ServerConnection(asyncio.Protocol):
         self._chunked_response = False
         self._head_request = False
         self._no_response_body = False
-        self._pending_head: bytes | None = None
         self._trailers: Headers | None = None
         self._request_has_body = False
         self._pause_reasons = 0
@@ -78,6 +78,7 @@ class Http1ServerConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
         self._loop = asyncio.get_event_loop()
+        self.init_batched_writes(self._loop)
 
     # -- transport events ------------------------------------------------
 
@@ -214,19 +215,7 @@ class Http1ServerConnection(asyncio.Protocol):
         elif stream.request.version == "HTTP/1.0":
             headers.append(("connection", "keep-alive"))
         self._chunked_response = chunked
-        data = serialize_response_head(head)
-        if end_stream or self._no_response_body:
-            self._write(data)
-        else:
-            # Hold the head to coalesce it with the first body chunk, which
-            # usually follows in the same loop iteration.
-            self._pending_head = data
-            self._loop.call_soon(self._flush_head)
-
-    def _flush_head(self) -> None:
-        if self._pending_head is not None:
-            data, self._pending_head = self._pending_head, None
-            self._write(data)
+        self._write(serialize_response_head(head))
 
     def encode_body(self, stream: "ActiveStream", data: bytes, end_stream: bool) -> None:
         if self._no_response_body:
@@ -237,24 +226,12 @@ class Http1ServerConnection(asyncio.Protocol):
                 out += LAST_CHUNK
         else:
             out = data
-        head = self._pending_head
-        if head is not None:
-            self._pending_head = None
-            if len(out) > _JOIN_MAX:
-                # One writev for both, without copying a large body behind the head.
-                self._write_two(head, out)
-                return
-            out = head + out
         if out:
             self._write(out)
 
     def encode_trailers(self, stream: "ActiveStream", trailers: Headers) -> None:
-        out = encode_trailers(trailers) if self._chunked_response else b""
-        if self._pending_head is not None:
-            out = self._pending_head + out
-            self._pending_head = None
-        if out:
-            self._write(out)
+        if self._chunked_response:
+            self._write(encode_trailers(trailers))
 
     def send_continue(self, stream: "ActiveStream") -> None:
         self._write(_CONTINUE)
@@ -262,25 +239,19 @@ class Http1ServerConnection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if not self.closed:
             self.stats.downstream_cx_tx_bytes_total.value += len(data)
-            self.transport.write(data)  # type: ignore[union-attr]
-
-    def _write_two(self, first: bytes, second: bytes) -> None:
-        if not self.closed:
-            self.stats.downstream_cx_tx_bytes_total.value += len(first) + len(second)
-            self.transport.writelines((first, second))  # type: ignore[union-attr]
+            self.batched_write(data)
 
     def stream_done(self, stream: "ActiveStream") -> None:
         """The stream finished (its response is written) or was reset."""
         if self.stream is not stream:
             return
         self.stream = None
-        if self._pending_head is not None:
-            self._flush_head()
         if self.closed:
             return
         if not stream.response_complete:
-            # Reset mid-way: HTTP/1.1 has no other way to say so.
-            self.transport.abort()  # type: ignore[union-attr]
+            # Reset mid-way: HTTP/1.1 has no other way to say so. What the
+            # client was sent so far still goes first, as it would unbatched.
+            self._abort()
             return
         if not self._keep_alive:
             self.close()
@@ -298,7 +269,7 @@ class Http1ServerConnection(asyncio.Protocol):
     def reset_stream(self, stream: "ActiveStream", reason: str) -> None:
         if not self.closed and self.transport is not None:
             if stream.response_started:
-                self.transport.abort()
+                self._abort()
             else:
                 self.close()
 
@@ -380,5 +351,11 @@ class Http1ServerConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
+            self.flush_writes()
             self.closed = True
             self.transport.close()
+
+    def _abort(self) -> None:
+        self.flush_writes()
+        self.closed = True
+        self.transport.abort()  # type: ignore[union-attr]
