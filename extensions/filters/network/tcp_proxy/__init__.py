@@ -1,7 +1,8 @@
 """tcp_proxy: the ``tcp:`` listener protocol, a byte pipe to one cluster.
 
 Each accepted connection gets one upstream connection to a host of the
-cluster; bytes are handed from one transport to the other as they arrive.
+cluster; bytes are handed from one transport to the other as they arrive
+(written at the end of the loop's batch of events: outrider.write_batch).
 Flow control runs both ways (a full write buffer on one side pauses reading
 on the other), half-closes are passed through, and idle or over-long
 connections are closed.
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from outrider import BuildContext, Extension, StatsGroup, hookimpl
 from outrider.access_log import LogInfoDefaults
 from outrider.config.units import parse_duration
+from outrider.write_batch import BatchedWriter
 
 if TYPE_CHECKING:  # pragma: no cover
     from outrider.cluster import Cluster
@@ -67,7 +69,7 @@ class TcpProxy:
         return lambda: DownstreamConnection(self, listener)
 
 
-class _Side(asyncio.Protocol):
+class _Side(BatchedWriter, asyncio.Protocol):
     """One socket of a proxied pair; what it reads goes to ``peer``.
 
     Reading pauses while there is no peer yet or while the peer's write
@@ -85,6 +87,7 @@ class _Side(asyncio.Protocol):
         self.lost = False  # connection_lost has run
         self.write_full = False  # our write buffer is above the high-water mark
         self.reading_paused = False
+        self.init_batched_writes(asyncio.get_running_loop())
 
     def update_reading(self) -> None:
         """Pause or resume reading to match the peer's state."""
@@ -128,6 +131,7 @@ class _Side(asyncio.Protocol):
         if peer.eof or peer.lost:
             self.close_pair(abort=False)
         elif peer.transport.can_write_eof():
+            peer.flush_writes()  # the bytes before the EOF go first
             peer.transport.write_eof()
         else:
             # The peer cannot be half-closed (e.g. TLS): end the whole pipe.
@@ -165,7 +169,7 @@ class UpstreamConnection(_Side):
         down = self.downstream
         down.bytes_sent += n
         down.last_activity = down.loop.time()
-        down.transport.write(data)  # type: ignore[union-attr]
+        down.batched_write(data)
 
     def eof_received(self) -> bool:
         self.ended()
@@ -181,6 +185,7 @@ class UpstreamConnection(_Side):
         if not down.lost and down.transport is not None:
             # Flush what the upstream already sent, then close (Envoy's FlushWrite).
             down.closing = True
+            down.flush_writes()
             down.transport.close()
         down.maybe_finished()
 
@@ -280,7 +285,7 @@ class DownstreamConnection(LogInfoDefaults, _Side):
         self.last_activity = self.loop.time()
         up = self.peer
         if up is not None:
-            up.transport.write(data)  # type: ignore[union-attr]
+            up.batched_write(data)
             return
         # Reading was paused in connection_made; this is what was already in flight.
         if self._early is None:
@@ -304,6 +309,7 @@ class DownstreamConnection(LogInfoDefaults, _Side):
         self._cancel_connect()
         up = self.peer
         if up is not None and not up.lost and up.transport is not None:
+            up.flush_writes()
             up.transport.close()
         self.listener.connection_closed(self)
         self.maybe_finished()
@@ -380,7 +386,7 @@ class DownstreamConnection(LogInfoDefaults, _Side):
         self.last_activity = self.loop.time()
         if self._early is not None:
             # Joined once: one write, one syscall.
-            up.transport.write(b"".join(self._early))  # type: ignore[union-attr]
+            up.batched_write(b"".join(self._early))
             self._early = None
             self._early_size = 0
         if self.eof:
@@ -405,6 +411,7 @@ class DownstreamConnection(LogInfoDefaults, _Side):
                 if abort:
                     side.transport.abort()
                 else:
+                    side.flush_writes()
                     side.transport.close()
 
     def maybe_finished(self) -> None:
