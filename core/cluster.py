@@ -32,6 +32,7 @@ class ClusterStats(StatsGroup):
         "upstream_rq_retry",
         "upstream_rq_retry_success",
         "upstream_rq_retry_overflow",
+        "upstream_rq_retry_limit_exceeded",
         "upstream_rq_pending_total",
         "upstream_rq_pending_overflow",
         "upstream_rq_rx_reset",

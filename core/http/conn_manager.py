@@ -315,7 +315,10 @@ class ActiveStream:
             if xff is None:
                 headers.append(("x-forwarded-for", remote))
             else:
-                headers.set("x-forwarded-for", f"{xff}, {remote}")
+                # Repeated lines are one list (RFC 9110 5.3): keep every hop.
+                hops = headers.get_all("x-forwarded-for")
+                prior = hops[0] if len(hops) == 1 else ", ".join(hops)
+                headers.set("x-forwarded-for", f"{prior}, {remote}")
             headers.set("x-forwarded-proto", request.scheme)
         elif not headers.has("x-forwarded-proto"):
             headers.append(("x-forwarded-proto", request.scheme))

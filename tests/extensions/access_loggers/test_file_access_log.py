@@ -423,7 +423,7 @@ clusters:
             assert s.recv(1024) == b""  # closed: the upstream refused
         line = wait_lines(path, 2)[1]
         rx, tx, _, host, cluster, flags, *_ = line.split("|")
-        assert (rx, tx, host, cluster, flags) == ("0", "0", f"127.0.0.1:{dead}", "nowhere", "UF")
+        assert (rx, tx, host, cluster, flags) == ("0", "0", f"127.0.0.1:{dead}", "nowhere", "UF,URX")
     finally:
         server.stop()
 

@@ -202,6 +202,7 @@ class Router(HttpFilter):
         if self._retry_allowed("per_try_timeout"):
             self._attempt()
             return
+        self._note_retries_exhausted(self.retry is not None and self.retry.retry_reset("per_try_timeout"))
         self._fail(504, "upstream request timeout\n", "upstream_per_try_timeout", "UT")
 
     def _send_request(self, upstream: "UpstreamRequest") -> None:
@@ -227,11 +228,15 @@ class Router(HttpFilter):
         self.upstream = None
         self._cancel_try_timer()
         if response_started:
+            # Too late for a local reply: the client sees the connection cut,
+            # the access log sees why.
+            self.stream.add_response_flag("UPE" if reason == "protocol_error" else "UC")
             self.stream.reset(f"upstream_reset_after_response_started{{{reason}}}")
             return
         if self._retry_allowed(reason):
             self._attempt()
             return
+        self._note_retries_exhausted(self.retry is not None and self.retry.retry_reset(reason))
         if reason == "overflow":
             self._fail(503, "upstream overflow\n", "upstream_overflow", "UO")
         elif reason in ("connect_failure", "connect_timeout"):
@@ -249,12 +254,20 @@ class Router(HttpFilter):
             return False
         return self._use_retry()
 
+    def _note_retries_exhausted(self, retriable: bool) -> None:
+        """The outcome was one the policy retries, but no retry is left:
+        Envoy's URX flag and ``upstream_rq_retry_limit_exceeded``."""
+        if retriable and self.retry.remaining <= 0:  # type: ignore[union-attr]
+            self.cluster.stats.upstream_rq_retry_limit_exceeded.value += 1
+            self.stream.add_response_flag("URX")
+
     def _use_retry(self) -> bool:
         assert self.retry is not None
         cluster = self.cluster
         if cluster.active_retries >= cluster.max_retries:
             # The circuit breaker: retries in flight across the cluster.
             cluster.stats.upstream_rq_retry_overflow.value += 1
+            self.stream.add_response_flag("UO")
             return False
         cluster.active_retries += 1
         self.retries_held += 1
@@ -291,6 +304,8 @@ class Router(HttpFilter):
             upstream.abandon()
             self._attempt()
             return False
+        if retry is not None and not retry.remaining and retry.retry_status(head.status):
+            self._note_retries_exhausted(True)
         if self.attempts > 1:
             self.cluster.stats.upstream_rq_retry_success.value += 1
         now = time.monotonic()

@@ -370,7 +370,7 @@ class DownstreamConnection(LogInfoDefaults, _Side):
             )
             if attempts >= proxy.max_connect_attempts:
                 stats.scope.counter("upstream_cx_connect_attempts_exceeded").value += 1
-                self.response_flags += ("UF",)
+                self.response_flags += ("UF", "URX")  # as Envoy: the connect failed, no attempt is left
                 break
         proxy.stats.upstream_connect_fail.value += 1
         self._connect_task = None  # so close_pair does not cancel the running task
