@@ -455,6 +455,7 @@ class ActiveStream:
             for index in self.hcm.response_phases[kind]:
                 if index > start:
                     continue
+                self._current = index  # a local reply from here starts below this filter
                 f = filters[index]
                 if kind == _HEADERS:
                     result = f.on_response_headers(payload, end_stream)
@@ -556,7 +557,12 @@ class ActiveStream:
             name, method, self.request.method, self.request.path, self.request_id or "-", exc,
             exc_info=exc,
         )
-        self._current = len(self.filters)  # the reply must not re-enter the failed chain
+        # The 500 is answered as if by the failed filter: it travels down from
+        # the filter before it, so neither the failed filter nor any filter
+        # above it sees it (re-entering the failed one could fail again, and
+        # again). In the response phase those filters had already passed
+        # the response that is now replaced.
+        self._current = index if 0 <= index < len(self.filters) else len(self.filters)
         self.send_local_reply(500, "internal error in filter\n", details=f"filter_error.{name}")
 
     # -- flow control -------------------------------------------------------
