@@ -17,10 +17,12 @@ chunk) → ``on_request_trailers`` through the filters as configured, and
     returns ``b""`` for each chunk and the whole body with ``end_stream``).
 
 Any method may answer the request itself with
-``self.stream.send_local_reply(status, body)``; the chain stops there.
+``self.stream.send_local_reply(status, body)``; the chain stops there, and
+the reply goes through the response methods of the filters before this one
+(not this one, nor those after it).
 An exception in a filter fails only that request: a 500 (or a reset when the
-response has started), the stat ``http.<prefix>.filter_error`` and a log line
-naming the extension.
+response has started) that travels as a local reply from that filter would,
+the stat ``http.<prefix>.filter_error`` and a log line naming the extension.
 """
 
 from __future__ import annotations
