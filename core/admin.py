@@ -286,8 +286,16 @@ async def _server_info(request: web.Request) -> web.Response:
             "hot_restart_version": "disabled",
             "command_line_options": {"config_path": server.config_source},
             "pid": server.pid,
+            # Not in Envoy's answer: which asyncio loop serves (uvloop unless
+            # --no-uvloop or it is not installed); it changes the numbers.
+            "event_loop": _event_loop_name(),
         }
     )
+
+
+def _event_loop_name() -> str:
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.startswith("uvloop") else "asyncio"
 
 
 def _addresses(listener: Any) -> list[str]:

@@ -214,6 +214,7 @@ def test_read_only_endpoints(running):
     assert info["pid"] == proc.proc.pid
     assert info["uptime_current_epoch"] >= 0
     assert info["command_line_options"]["config_path"] == str(proc.config_path)
+    assert info["event_loop"] == "uvloop"  # a dependency on Linux, used unless --no-uvloop
 
     status, body = http_get(f"{proc.admin}/listeners")
     assert (status, body) == (200, f"ingress::127.0.0.1:{port}\n")
@@ -248,6 +249,18 @@ def test_read_only_endpoints(running):
     status, body = http_get(f"{proc.admin}/nosuch")
     assert status == 404
     assert "/stats" in body  # the 404 lists what exists
+
+
+
+def test_no_uvloop_runs_asyncios_own_loop(proxy, upstream):
+    port = free_port()
+    upstream_port, _ = upstream
+    proc = proxy.start(admin_config(port, upstream_port, free_port()), extra_args=["--no-uvloop"])
+    assert json.loads(http_get(f"{proc.admin}/server_info")[1])["event_loop"] == "asyncio"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        for i in range(3):  # keep-alive on asyncio's transports too
+            assert request(port, f"/ok/{i}", sock)[0] == 200
+    assert proc.wait_stat("http.ingress.downstream_rq_2xx", 3) == 3
 
 
 @pytest.mark.parametrize("path", ["/healthcheck/fail", "/healthcheck/ok", "/quitquitquit"])
