@@ -82,6 +82,8 @@ class StatsdSink:
         self._transport: asyncio.DatagramTransport | None = None
         self._connecting: asyncio.Task | None = None
         self._gauges_sent: set[str] = set()
+        #: Counter deltas of flushes that had no socket, sent with the next one.
+        self._unsent: dict[str, int] = {}
         self._names: dict[str, str] = {}
 
     # -- the sink contract ------------------------------------------------------
@@ -95,6 +97,10 @@ class StatsdSink:
             # Not connected (yet, or any more: the address did not resolve).
             self._failed(OSError(f"no socket to {self.address} yet"))
             self._connect()
+            unsent = self._unsent
+            for c in snapshot.counters:
+                if c.delta:
+                    unsent[c.name] = unsent.get(c.name, 0) + c.delta
             return
         packets = 0
         for packet in self.packets(self.lines(snapshot)):
@@ -152,10 +158,12 @@ class StatsdSink:
 
     def lines(self, snapshot: Snapshot) -> Iterator[str]:
         """The statsd lines of one flush."""
+        unsent = self._unsent
         for c in snapshot.counters:
-            if c.delta:
+            delta = c.delta + unsent.pop(c.name, 0) if unsent else c.delta
+            if delta:
                 name, tags = self._split(c)
-                yield f"{name}:{c.delta}|c{tags}"
+                yield f"{name}:{delta}|c{tags}"
         sent = self._gauges_sent
         for g in snapshot.gauges:
             # Gauges that are and always were 0 are left out; one that
