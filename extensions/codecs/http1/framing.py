@@ -15,6 +15,8 @@ HOP_BY_HOP = frozenset(
         "trailer",
         "proxy-authenticate",
         "proxy-authorization",
+        # Like the two above, it is meant for the next hop only (RFC 9110 11.7.2).
+        "proxy-authentication-info",
     )
 )
 

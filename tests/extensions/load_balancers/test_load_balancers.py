@@ -362,3 +362,37 @@ def test_balancers_have_their_own_random_source():
     random.seed(0)
     random.random()
     assert picks(seeded(random_lb, {}, hosts, seed=5), 50) == first
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        # Two distinct draws out of four equally weighted hosts: each of the 6
+        # pairs is equally likely and its less loaded host wins. Load 0 wins
+        # the 3 pairs it is in, load 1 the 2 pairs {1,2} {1,3}, load 2 only
+        # {2,3}, and load 3 none. A full scan would give load 0 every pick;
+        # two draws *with* replacement would give load 3 its (3,3) draws (1/16).
+        ({}, (1 / 2, 1 / 3, 1 / 6, 0)),
+        ({"choice_count": 2}, (1 / 2, 1 / 3, 1 / 6, 0)),
+        # Three distinct draws: load 0 unless it is the one left out (1/4),
+        # then load 1; loads 2 and 3 can never win.
+        ({"choice_count": 3}, (3 / 4, 1 / 4, 0, 0)),
+        # choice_count >= hosts: every host is compared, the least loaded wins.
+        ({"choice_count": 4}, (1, 0, 0, 0)),
+    ],
+)
+def test_least_request_is_power_of_choices_not_a_full_scan(config, expected):
+    hosts = make_hosts(1, 1, 1, 1)
+    for h, active in zip(hosts, (0, 1, 2, 3)):
+        h.active_requests = active
+    lb = seeded(least_request, config, hosts, seed=99)
+    n = 6000
+    counts = Counter(picks(lb, n))
+    for host, p in zip(hosts, expected):
+        if p in (0, 1):
+            assert counts[host] == n * p, (host, counts)
+        else:
+            # Within 5 standard deviations of the binomial mean (the seed makes
+            # it deterministic; the bound still catches a wrong algorithm).
+            sigma = (n * p * (1 - p)) ** 0.5
+            assert abs(counts[host] - n * p) < 5 * sigma, (host, counts)

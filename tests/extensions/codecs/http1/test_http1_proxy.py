@@ -4,6 +4,7 @@ and what malformed requests get."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -131,7 +132,11 @@ def test_chunked_both_ways_with_curl(running, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "out").read_bytes() == (b"0123456789abcdef" * 6250)[:100000]
-    assert "transfer-encoding: chunked" in out.stderr.lower()
+    # curl -v shows what it sent as "> ..." and what it received as "< ...":
+    # the response itself (the upstream streamed it) must come back chunked.
+    response_lines = [line.lower().strip() for line in out.stderr.splitlines() if line.startswith("< ")]
+    assert "< transfer-encoding: chunked" in response_lines, response_lines
+    assert not any(line.startswith("< content-length:") for line in response_lines)
     received = app["requests"][-1]
     assert received["body_len"] == 300_000
     assert ["transfer-encoding", "chunked"] in received["headers"]
@@ -189,6 +194,35 @@ def test_pipelined_requests_are_answered_in_order(running):
         sock.sendall(reqs)
         responses = _read_responses(sock, 5)
     assert [json.loads(body)["path"] for _, body in responses] == [f"/p/{i}" for i in range(5)]
+
+
+def test_pipelined_requests_wait_for_a_slow_first_one_and_keep_their_bodies(running):
+    # The first request is slow at the upstream; the ones behind it (two
+    # POSTs with bodies, one length-framed and one chunked) are already in
+    # the proxy's buffer, and must be answered after it, in order.
+    proc, port, app = running
+    reqs = (
+        b"GET /delay/0.3 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /post/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nfirst body!"
+        b"POST /post/2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"6\r\nsecond\r\n5\r\n body\r\n0\r\n\r\n"
+        b"GET /last HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(reqs)
+        responses = _read_responses(sock, 4)
+    assert time.monotonic() - started >= 0.3
+    assert all(head.startswith("HTTP/1.1 200") for head, _ in responses), [h for h, _ in responses]
+    got = [json.loads(body) for _, body in responses]
+    assert [(r["method"], r["path"], r["body"]) for r in got] == [
+        ("GET", "/delay/0.3", ""),
+        ("POST", "/post/1", "first body!"),
+        ("POST", "/post/2", "second body"),
+        ("GET", "/last", ""),
+    ]
+    assert [r["path"] for r in app["requests"]] == ["/delay/0.3", "/post/1", "/post/2", "/last"]
+    assert proc.stat("http.ingress.downstream_cx_total") == 1
 
 
 def test_head_has_no_body_and_connection_stays_usable(running):
@@ -249,10 +283,70 @@ def test_hop_by_hop_response_headers_are_not_forwarded(proxy):
     assert out.endswith(b"ok")
 
 
+def _response_through_proxy(proxy, response: bytes) -> tuple[dict[str, list[str]], bytes]:
+    """Proxy one GET to a raw upstream that answers ``response`` (content-length
+    framed): the client's header fields (name -> values) and body."""
+    server, upstream_port, _ = start_raw(lambda data, transport: transport.write(response))
+    try:
+        port = free_port()
+        proxy.start(simple_config(port, upstream_port))
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            (head, body), = _read_responses(sock, 1)
+    finally:
+        server.stop()
+    assert head.startswith("HTTP/1.1 200"), head
+    fields: dict[str, list[str]] = {}
+    for line in head.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip().lower(), []).append(value.strip())
+    return fields, body
+
+
+def test_every_hop_by_hop_response_header_is_removed(proxy):
+    # The codec README's list: connection, keep-alive, transfer-encoding,
+    # upgrade, te other than "trailers", proxy-*, and every header named in
+    # Connection. The upstream sends each of them (upgrade on a plain 200);
+    # the end-to-end headers next to them must survive unchanged.
+    fields, body = _response_through_proxy(proxy, (
+        b"HTTP/1.1 200 OK\r\n"
+        b"Connection: keep-alive, X-Up-Secret, x-other-secret\r\n"
+        b"Keep-Alive: timeout=5, max=100\r\n"
+        b"Proxy-Connection: keep-alive\r\n"
+        b"Proxy-Authenticate: Basic realm=up\r\n"
+        b"Upgrade: h2c\r\n"
+        b"TE: gzip\r\n"
+        b"X-Up-Secret: 1\r\n"
+        b"X-Other-Secret: 2\r\n"
+        b"X-Up-Kept: 3\r\n"
+        b"Cache-Control: no-store\r\n"
+        b"Content-Type: text/plain\r\n"
+        b"Content-Length: 5\r\n\r\nhello"
+    ))
+    assert body == b"hello"
+    for name in ("connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+                 "upgrade", "te", "transfer-encoding", "x-up-secret", "x-other-secret"):
+        assert name not in fields, (name, fields)
+    assert fields["x-up-kept"] == ["3"]
+    assert fields["cache-control"] == ["no-store"]
+    assert fields["content-type"] == ["text/plain"]
+    assert fields["content-length"] == ["5"]
+
+
+def test_proxy_auth_fields_are_removed_and_other_proxy_fields_pass(proxy):
+    fields, body = _response_through_proxy(proxy, (
+        b"HTTP/1.1 200 OK\r\nProxy-Authentication-Info: nextnonce=abc\r\n"
+        b"Proxy-Status: cache-1; hit\r\nX-Up-Kept: 3\r\nContent-Length: 2\r\n\r\nok"
+    ))
+    assert body == b"ok" and fields["x-up-kept"] == ["3"]
+    assert "proxy-authentication-info" not in fields, fields
+    assert fields["proxy-status"] == ["cache-1; hit"]  # end to end (RFC 9209)
+
+
 @pytest.mark.parametrize("size", [12, 16 * 1024])
 def test_response_head_and_body_read_together_go_out_whole(proxy, size):
-    # A small body is joined to the held head; a large one goes out with it
-    # in one writelines. Either way the client gets the head, then exactly
+    # The head and the body go out together at the end of the loop's batch
+    # (one writelines). Either way the client gets the head, then exactly
     # the body, on a connection that stays usable.
     body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
 
@@ -319,15 +413,69 @@ SMUGGLING = {
 }
 
 
+def _exchange_until_close(port: int, data: bytes, timeout: float = 5.0) -> tuple[bytes, bool, float]:
+    """Send ``data`` on a fresh connection and read until the proxy closes it:
+    ``(everything read, closed, seconds until the close or the timeout)``.
+    A reset counts as closed."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        closed = False
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            except ConnectionResetError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            chunks.append(chunk)
+    return b"".join(chunks), closed, time.monotonic() - started
+
+
+_REQUEST_LINE = re.compile(rb"(?:^|\r\n)[A-Z]+ \S+ HTTP/1\.[01]\r\n")
+
+
+@pytest.fixture
+def counting_upstream():
+    """A raw upstream that answers every request line it reads with a small
+    200 right away; yields ``(port, received)``, the bytes it read."""
+
+    def answer(data: bytes, transport) -> None:
+        for _ in _REQUEST_LINE.finditer(data):
+            transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+    server, port, received = start_raw(answer)
+    yield port, received
+    server.stop()
+
+
 @pytest.mark.parametrize("shape", sorted(SMUGGLING))
-def test_request_smuggling_shapes_get_an_error_and_a_closed_connection(running, shape):
-    proc, port, app = running
+def test_request_smuggling_shapes_get_an_error_and_a_closed_connection(proxy, counting_upstream, shape):
+    upstream_port, upstream_received = counting_upstream
+    port = free_port()
+    proc = proxy.start(simple_config(port, upstream_port))
     request, status = SMUGGLING[shape]
-    out = raw_exchange(port, request)
+    out, closed, elapsed = _exchange_until_close(port, request, timeout=5.0)
     assert out.startswith(f"HTTP/1.1 {status}".encode()), out[:200]
     assert out.count(b"HTTP/1.1 ") == 1, "exactly one response, then the connection closes"
-    assert not any("/smuggled" in r["path"] for r in app["requests"])
-    assert proc.stat("http.ingress.downstream_cx_protocol_error") >= 1
+    head = out.partition(b"\r\n\r\n")[0].lower()
+    assert b"\r\nconnection: close\r\n" in head + b"\r\n", head
+    # Closed by the proxy right after the error, not left open until the
+    # client gives up.
+    assert closed, f"the connection was still open after {elapsed:.1f}s: {out[:200]!r}"
+    assert elapsed < 2.0, elapsed
+    # At most the first request reached the upstream; never the smuggled one.
+    upstream_bytes = b"".join(upstream_received)
+    assert len(_REQUEST_LINE.findall(upstream_bytes)) <= 1, upstream_bytes
+    assert b"/smuggled" not in upstream_bytes
+    assert proc.wait_stat("http.ingress.downstream_cx_protocol_error", 1) >= 1
 
 
 def test_oversized_headers_get_431(running):
