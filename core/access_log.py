@@ -98,6 +98,9 @@ class AccessLogInfo(Protocol):
     request_id: str
     #: Set by a filter that recognised a health check request.
     is_health_check: bool
+    #: The client's IP when inferred from x-forwarded-for (HTTP; see
+    #: ``xff_num_trusted_hops``), else "": the connection's peer is the client.
+    client_ip: str
     connection: AccessLogConnection
 
 
@@ -120,6 +123,7 @@ class LogInfoDefaults:
     route: Any = None
     request_id = ""
     is_health_check = False
+    client_ip = ""
     remote_ip = ""
     remote_port = 0
 
@@ -269,10 +273,21 @@ def _request_id_header(request: Any) -> str | None:
 
 
 def _remote_ip(info: Any) -> str | None:
-    return info.connection.remote_ip or None
+    return info.client_ip or info.connection.remote_ip or None
 
 
 def _remote_address(info: Any) -> str | None:
+    client = info.client_ip  # inferred from x-forwarded-for: no port to tell
+    if client:
+        return f"[{client}]" if ":" in client else client
+    return _direct_remote_address(info)
+
+
+def _direct_remote_ip(info: Any) -> str | None:
+    return info.connection.remote_ip or None
+
+
+def _direct_remote_address(info: Any) -> str | None:
     conn = info.connection
     ip = conn.remote_ip
     if not ip:
@@ -467,6 +482,8 @@ _SIMPLE: dict[str, tuple[Getter, bool, str | None]] = {
     "UPSTREAM_CLUSTER": (_upstream_cluster, False, "(info.upstream_cluster or None)"),
     "DOWNSTREAM_REMOTE_ADDRESS": (_remote_address, False, None),
     "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": (_remote_ip, False, None),
+    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS": (_direct_remote_address, False, None),
+    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT": (_direct_remote_ip, False, None),
     "ROUTE_NAME": (_route_name, False, None),
     "REQ_ID": (_request_id, False, "(info.request_id or _request_id_header(_req))"),
 }

@@ -9,6 +9,7 @@ codec's ``encode_*`` methods. Nothing here touches bytes or sockets.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import random
@@ -280,6 +281,32 @@ class ActiveStream:
             filters = self.filters = []
             for filter_class, config in specs:
                 filters.append(filter_class(self, config))
+
+    @property
+    def client_ip(self) -> str:
+        """The client's address as Envoy infers it from ``x-forwarded-for``:
+        the (``xff_num_trusted_hops`` + 1)th address from the right, counted
+        after this proxy appended its peer (``use_remote_address``). ``""``
+        when the header has too few addresses or not an IP there, or when
+        that address is the peer itself: the connection's peer is the client.
+        Read by access logs (``%DOWNSTREAM_REMOTE_ADDRESS%``), when asked."""
+        request = self.request
+        hops = request.headers.get_all("x-forwarded-for") if request is not None else None
+        if not hops:
+            return ""
+        hcm = self.hcm
+        nth = hcm.xff_num_trusted_hops + 1
+        if nth == 1 and hcm.use_remote_address:
+            return ""  # the last entry is the peer this proxy appended
+        entries = ",".join(hops).split(",")
+        if len(entries) < nth:
+            return ""
+        candidate = entries[-nth].strip()
+        try:
+            ipaddress.ip_address(candidate)
+        except ValueError:
+            return ""
+        return candidate
 
     @property
     def state(self) -> dict[str, Any]:
