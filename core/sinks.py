@@ -97,8 +97,10 @@ class RateLimitedLog:
             self._suppressed += 1
             return
         if self._suppressed:
-            message += " (and %d more times in the last %gs)"
-            args = (*args, self._suppressed, self.interval)
+            # Counted since the last line, which may be long before the last
+            # interval: say so rather than name the interval.
+            message += " (and %d more times since this was last logged, %.3gs ago)"
+            args = (*args, self._suppressed, now - self._next + self.interval)
         self._suppressed = 0
         self._next = now + self.interval
         self.logger.log(level, message, *args)

@@ -138,6 +138,36 @@ def test_request_response_and_trailer_headers():
     assert fmt("%REQ(x-forwarded-for)% %REQ(user-agent)% %REQ(x-none)% %REQ(x-dup)%", info) == "1.1.1.1 curl/8.0 - first"
 
 
+def test_an_alternative_header_and_a_length_limit_in_one_operator():
+    """%REQ(X?Y):Z%: the first header present is taken, then cut to Z
+    characters; the compiled, deferred and JSON forms agree."""
+    info = Info(response_trailers=Headers([("grpc-message", "everything fine")]))
+    cases = {
+        "%REQ(x-none?user-agent):4%": "curl",  # the alternative, truncated
+        "%REQ(user-agent?x-forwarded-for):2%": "cu",  # the first one wins, truncated
+        "%REQ(x-none?x-forwarded-for):100%": "1.1.1.1",  # shorter than the limit: whole
+        "%REQ(x-none?x-also-none):4%": "-",  # neither: no value, not a truncated dash
+        "%REQ(x-none?:PATH):3%": "/v1",  # a pseudo-header as the alternative
+        "%RESP(x-none?content-type):4%": "text",
+        "%TRAILER(x-none?grpc-message):5%": "every",
+    }
+    for text, expected in cases.items():
+        assert fmt(text, info) == expected, text
+        (op,) = parse_format(text)
+        assert op.getter(info) == (None if expected == "-" else expected), text
+    line = " ".join(cases)
+    deferred = compile_deferred_format(line)
+    lines: list[str] = []
+    deferred.render([deferred.capture(info)], lines.append)
+    assert lines == [" ".join(cases.values())]
+    as_json = compile_json_format({"ua": "%REQ(x-none?user-agent):4%", "none": "%REQ(x-none?x-also-none):4%"})
+    assert as_json(info) == {"ua": "curl", "none": None}
+    # The same header text without the limit, and a request without the header.
+    assert fmt("%REQ(x-none?user-agent)%", info) == "curl/8.0"
+    info.request.headers.set("x-none", "first-choice")
+    assert fmt("%REQ(x-none?user-agent):4%", info) == "firs"
+
+
 def test_codes_flags_bytes_upstream_route_protocol():
     info = Info(response_flags=("UT", "URX"))
     assert fmt("%RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %PROTOCOL%", info) == "201 UT,URX 1234 56 HTTP/1.1"

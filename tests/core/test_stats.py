@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import re
+import socket
 import time
 
 import httpx
@@ -253,7 +254,10 @@ def test_rate_limited_log_counts_what_it_left_out(caplog) -> None:
         time.sleep(0.25)
         log(logging.WARNING, "down: %s", "y")
     messages = [r.getMessage() for r in caplog.records if r.name == "outrider.test.ratelimit"]
-    assert messages == ["down: x", "down: y (and 4 more times in the last 0.2s)"]
+    assert messages[0] == "down: x"
+    # The count is of what was left out since the last line, and says how long ago that was.
+    said = re.fullmatch(r"down: y \(and 4 more times since this was last logged, ([\d.]+)s ago\)", messages[1])
+    assert said is not None and float(said.group(1)) >= 0.25, messages
 
 
 # -- through a real proxy ---------------------------------------------------------------------
@@ -365,6 +369,84 @@ def test_the_envoy_stat_names_exist(proxy, upstream) -> None:
     assert stats["server.live"] == 1
     # Resident memory of a Python process: more than 5 MB, less than 2 GB.
     assert 5 << 20 < stats["server.memory_allocated"] < 2 << 30
+
+
+def stuck_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full: Linux drops further SYNs, so a
+    connect to it neither succeeds nor fails (how a host that does not answer
+    looks, on loopback). Returns it and the connections that fill it."""
+    stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stuck.bind(("127.0.0.1", 0))
+    stuck.listen(0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        filler.setblocking(False)
+        filler.connect_ex(stuck.getsockname())
+        fillers.append(filler)
+    time.sleep(0.2)
+    return stuck, fillers
+
+
+def test_stat_values_after_known_events(proxy, upstream) -> None:
+    """Not only that the stats exist: the values they should have."""
+    stuck, fillers = stuck_listener()
+    try:
+        port = free_port()
+        unused = [free_port(), free_port()]
+        started = time.monotonic()
+        proc = proxy.start(f"""
+listeners:
+  - name: web
+    address: 127.0.0.1:{port}
+    http:
+      stat_prefix: web
+      virtual_hosts:
+        - name: all
+          domains: ["*"]
+          routes:
+            - {{match: {{prefix: /stuck}}, route: {{cluster: stuck}}}}
+            - {{match: {{prefix: /}}, route: {{cluster: backend}}}}
+clusters:
+  - {{name: backend, endpoints: ["127.0.0.1:{upstream[0]}"]}}
+  - {{name: trio, endpoints: ["127.0.0.1:{upstream[0]}", "127.0.0.1:{unused[0]}", "127.0.0.1:{unused[1]}"]}}
+  - {{name: stuck, endpoints: ["127.0.0.1:{stuck.getsockname()[1]}"], connect_timeout: 300ms}}
+""")
+        stats = proc.stats()
+        assert (stats["cluster.trio.membership_total"], stats["cluster.trio.membership_healthy"]) == (3, 3)
+        assert (stats["cluster.backend.membership_total"], stats["cluster.backend.membership_healthy"]) == (1, 1)
+
+        # One client connection, two requests on it; destroyed once it closes.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            for _ in range(2):
+                client.sendall(b"GET /keep HTTP/1.1\r\nHost: x\r\n\r\n")
+                reply = b""
+                while b'"upstream"' not in reply:  # the echo's JSON body
+                    chunk = client.recv(65536)
+                    assert chunk, reply
+                    reply += chunk
+                assert reply.startswith(b"HTTP/1.1 200 ")
+            stats = proc.stats()
+            assert (stats["http.web.downstream_cx_total"], stats["http.web.downstream_cx_active"],
+                    stats["http.web.downstream_cx_destroy"]) == (1, 1, 0)
+        assert proc.wait_stat("http.web.downstream_cx_destroy", 1) == 1
+        assert proc.stat("http.web.downstream_cx_active") == 0
+
+        # A host that never completes the handshake: the connect times out, 503.
+        before = time.monotonic()
+        assert get(port, "/stuck") == 503
+        assert 0.25 <= time.monotonic() - before < 3
+        stats = proc.stats()
+        assert (stats["cluster.stuck.upstream_cx_connect_timeout"], stats["cluster.stuck.upstream_cx_connect_fail"]) == (1, 1)
+        assert stats["cluster.backend.upstream_cx_connect_timeout"] == 0
+
+        # server.uptime: whole seconds since the start, updated every second.
+        assert proc.wait_stat("server.uptime", 1, timeout=3) >= 1
+        assert proc.stat("server.uptime") <= time.monotonic() - started + 1
+    finally:
+        for filler in fillers:
+            filler.close()
+        stuck.close()
 
 
 def test_stats_prometheus_is_on_by_default(proxy, upstream) -> None:

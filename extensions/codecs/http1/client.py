@@ -142,9 +142,12 @@ class Http1ClientConnection(BatchedWriter, asyncio.Protocol):
 
     def eof_received(self) -> bool:
         try:
-            self.parser.feed_eof()
-        except ParseError as err:
-            self._protocol_error(err)
+            self.parser.feed_eof()  # completes a response delimited by the close
+        except ParseError:
+            # Closed before the response was complete: not a malformed
+            # response but a connection termination (Envoy's UC), which
+            # connection_lost reports once the transport is closed.
+            pass
         self._keep_alive = False
         return False
 

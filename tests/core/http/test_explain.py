@@ -279,6 +279,36 @@ clusters:
         server.stop()
 
 
+def test_without_a_debug_block_the_debug_header_gets_nothing(proxy, upstream):
+    """The header is off unless configured: a listener with no ``debug:``
+    block answers a request that asks for it (from loopback, which any
+    allow_from would let in) without debug information, counts nothing,
+    and leaves the request header alone."""
+    upstream_port, app = upstream
+    listen = free_port()
+    proc = proxy.start(f"""
+listeners:
+  - name: plain
+    address: 127.0.0.1:{listen}
+    http:
+      stat_prefix: plain
+      virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: /}}, route: {{cluster: c}}}}]}}]
+clusters:
+  - {{name: c, endpoints: ["127.0.0.1:{upstream_port}"]}}
+""")
+    for name in (DEBUG, "X-Outrider-Debug"):
+        status, headers, body = request(listen, "/asks", "x", {name: "1"})
+        assert status == 200 and json.loads(body)["path"] == "/asks"
+        assert DEBUG not in headers
+    status, headers, _ = request(listen, "/nowhere-special", "x", {DEBUG: "1"})
+    assert DEBUG not in headers
+    # Nothing looked at it: it went up as it came, and no debug stat moved.
+    assert [dict(r["headers"]).get(DEBUG) for r in upstream_saw(app)] == ["1", "1", "1"]
+    stats = proc.stats()
+    assert stats.get("http.plain.debug_allowed", 0) == 0 and stats.get("http.plain.debug_denied", 0) == 0
+    assert stats["http.plain.downstream_rq_2xx"] == 3
+
+
 def test_allow_from_matching_ipv4_ipv6_and_mapped_addresses():
     hcm = type("HCM", (), {})()
     hcm.stats = HttpStats(StatsStore().scope("http.t"))

@@ -3,12 +3,14 @@ clients, lines read back from the files the proxy wrote."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from support import free_port, raw_exchange, start_raw
+from support import free_port, http_get, raw_exchange, start_raw
 
 FIELDS = (
     "code flags details method path protocol rx tx duration request_duration response_duration "
@@ -240,6 +242,51 @@ def test_filters_errors_only_and_sampling(proxy, upstream, tmp_path):
     assert not nothing.exists()
 
 
+def test_duration_health_check_and_header_filters_through_the_proxy(proxy, upstream, tmp_path):
+    """One logger per filter kind, one request per case: each file gets
+    exactly the lines its filter lets through."""
+    upstream_port, _ = upstream
+    port = free_port()
+    filters = {
+        "slow": "{duration: {ge: 250ms}}",
+        "no_hc": "{not_health_check: true}",
+        "canary": "{header: {name: x-canary, exact: '1'}}",
+        "no_canary_header": "{header: {name: x-canary, present: true, invert_match: true}}",
+        "fast_tests": "{duration: {le: 250ms}, not_health_check: true, header: {name: user-agent, prefix: test-}}",
+    }
+    fmt = ", format: '%REQ(:PATH)%'"
+    access_log = "    access_log:\n" + "".join(file_log(tmp_path / f"{name}.log", fmt, f) for name, f in filters.items())
+    proc = proxy.start(f"""
+listeners:
+  - name: web
+    address: 127.0.0.1:{port}
+    http:
+      stat_prefix: web
+      virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: /}}, route: {{cluster: app}}}}]}}]
+{access_log}
+clusters:
+  - {{name: app, endpoints: ["127.0.0.1:{upstream_port}"]}}
+""")
+    assert request(port, path="/fast")[0] == 200
+    assert request(port, path="/hc", headers={"user-agent": "Envoy/HC"})[0] == 200
+    assert request(port, path="/delay/0.3")[0] == 200
+    assert request(port, path="/canary", headers={"x-canary": "1"})[0] == 200
+    assert request(port, path="/canary-off", headers={"x-canary": "0"})[0] == 200
+    assert proc.wait_stat("http.web.downstream_rq_completed", 5) == 5
+    expected = {
+        "slow": ["/delay/0.3"],
+        "no_hc": ["/fast", "/delay/0.3", "/canary", "/canary-off"],
+        "canary": ["/canary"],
+        "no_canary_header": ["/fast", "/hc", "/delay/0.3"],
+        "fast_tests": ["/fast", "/canary", "/canary-off"],
+    }
+    for name, lines in expected.items():
+        assert wait_lines(tmp_path / f"{name}.log", len(lines)) == lines, name
+    time.sleep(0.1)  # several flush intervals: a line that should not be there would be by now
+    for name, lines in expected.items():
+        assert (tmp_path / f"{name}.log").read_text().splitlines() == lines, name
+
+
 def test_many_streams_every_line_in_order_and_two_loggers_share_a_file(proxy, upstream, tmp_path):
     """Lines are rendered in batches of streams: more streams than one batch
     all come out, in order, with their own durations; two loggers on one
@@ -337,6 +384,39 @@ def test_stdout_and_lines_pending_at_shutdown_are_written(proxy, upstream, tmp_p
     assert not path.exists()  # still waiting for its (hour-long) flush interval
     assert proc.stop() == 0
     assert path.read_text() == "/app/stdout\n"
+
+
+def test_dev_stderr_is_the_proxys_stderr(proxy, upstream, tmp_path):
+    """Run with stdout and stderr apart: the line is on stderr only."""
+    upstream_port, _ = upstream
+    port = free_port()
+    config, admin_port = proxy.config(http_config(port, upstream_port, "    access_log:\n" + file_log(
+        Path("/dev/stderr"), ", format: 'STDERR-LINE %RESPONSE_CODE% %REQ(:PATH)%'")), name="stderr.yaml")
+    out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "outrider", "run", "-c", str(config)], stdout=out, stderr=err)
+    try:
+        deadline = time.monotonic() + 15
+        while http_get_status(f"http://127.0.0.1:{admin_port}/ready") != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()
+            time.sleep(0.05)
+        assert request(port, path="/app/err")[0] == 200
+        deadline = time.monotonic() + 5
+        while "STDERR-LINE 200 /app/err\n" not in err_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline, err_path.read_text()
+            time.sleep(0.02)
+        assert "STDERR-LINE" not in out_path.read_text(errors="replace")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def http_get_status(url: str) -> int:
+    """The status of GET ``url``; 0 while nothing answers."""
+    try:
+        return http_get(url, timeout=1.0)[0]
+    except OSError:
+        return 0
 
 
 # -- validation -------------------------------------------------------------------
@@ -467,3 +547,238 @@ def test_a_stuck_file_never_blocks_requests_and_the_buffer_is_bounded(proxy, ups
     assert 0 < len(lines) == 40 - dropped
     paths = [line.split()[1] for line in lines]
     assert paths == sorted(paths, key=lambda p: int(p.rsplit("/", 1)[1]))
+
+
+
+
+# -- response flags through the proxy --------------------------------------------
+
+
+def _trickle(transport: asyncio.Transport, left: int) -> None:
+    """One more chunk every 50 ms while the connection is open."""
+    if left and not transport.is_closing():
+        transport.write(b"5\r\nmore!\r\n")
+        asyncio.get_running_loop().call_later(0.05, _trickle, transport, left - 1)
+
+
+def scripted_upstream(data: bytes, transport: asyncio.Transport) -> None:
+    """A raw upstream whose behaviour the request path picks: ``/hold`` never
+    answers; ``/close`` closes before answering; ``/truncated`` sends a head
+    promising 100 bytes, 10 of them, and closes; ``/trickle`` streams a
+    chunked body, a chunk every 50 ms; ``/busy`` answers 503; ``/trailer``
+    a chunked 200 with trailers."""
+    if not data.startswith(b"GET "):
+        return
+    path = data.split(b" ", 2)[1]
+    if path.startswith(b"/close"):
+        transport.close()
+    elif path.startswith(b"/truncated"):
+        transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+        transport.close()
+    elif path.startswith(b"/trickle"):
+        transport.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        asyncio.get_running_loop().call_later(0.05, _trickle, transport, 100)
+    elif path.startswith(b"/busy"):
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy")
+    elif path.startswith(b"/trailer"):
+        transport.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: grpc-status, grpc-message\r\n\r\n"
+                        b"2\r\nok\r\n0\r\ngrpc-status: 0\r\ngrpc-message: all fine\r\n\r\n")
+    # /hold: nothing, ever
+
+
+FLAGS_FORMAT = "%REQ(:PATH)%|%RESPONSE_CODE%|%RESPONSE_FLAGS%|%RESPONSE_CODE_DETAILS%|%BYTES_SENT%|%UPSTREAM_CLUSTER%"
+
+
+def flags_config(port: int, upstream_port: int, path: Path, dead_port: int, line_format: str = FLAGS_FORMAT) -> str:
+    """Routes by prefix to clusters that all point at the scripted upstream
+    (``dead`` at a port that refuses), with different circuit breakers and
+    retry policies."""
+    routes = [
+        ("/limited", "limited", ""), ("/queued", "queued", ""),
+        ("/busy/urx", "retry_5xx", ", retry_policy: {retry_on: [5xx], num_retries: 1}"),
+        ("/busy/breaker", "no_retries_left", ", retry_policy: {retry_on: [5xx], num_retries: 1}"),
+        ("/close/urx", "retry_reset", ", retry_policy: {retry_on: [reset], num_retries: 1}"),
+        ("/dead/urx", "dead", ", retry_policy: {retry_on: [connect-failure], num_retries: 1}"),
+        ("/", "plain", ""),
+    ]
+    clusters = {
+        "limited": "{max_requests: 1}", "queued": "{max_connections: 1, max_pending_requests: 1}",
+        "retry_5xx": "{}", "no_retries_left": "{max_retries: 0}", "retry_reset": "{}", "plain": "{}",
+    }
+    return f"""
+listeners:
+  - name: web
+    address: 127.0.0.1:{port}
+    http:
+      stat_prefix: web
+      virtual_hosts:
+        - name: all
+          domains: ["*"]
+          routes:
+""" + "".join(
+        f"            - {{match: {{prefix: {prefix}}}, route: {{cluster: {cluster}, timeout: 10s{extra}}}}}\n"
+        for prefix, cluster, extra in routes
+    ) + "    access_log:\n" + file_log(path, f", format: '{line_format}'") + "clusters:\n" + "".join(
+        f"  - {{name: {name}, endpoints: ['127.0.0.1:{upstream_port}'], circuit_breakers: {breakers}}}\n"
+        for name, breakers in clusters.items()
+    ) + f"  - {{name: dead, endpoints: ['127.0.0.1:{dead_port}']}}\n"
+
+
+def send_get(port: int, path: str) -> socket.socket:
+    """A client connection that has sent ``GET path``; the caller reads or closes it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return sock
+
+
+def abort(sock: socket.socket) -> None:
+    """Close with a TCP reset, as a client that gives up does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def wait_until(predicate, what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def logged_by_path(path: Path, count: int) -> dict[str, list[str]]:
+    """The FLAGS_FORMAT lines, by request path (each path is used once)."""
+    lines = wait_lines(path, count)
+    by_path = {line.split("|")[0]: line.split("|")[1:] for line in lines}
+    assert len(lines) == len(by_path) == count, lines
+    return by_path
+
+
+@pytest.fixture
+def scripted():
+    server, port, received = start_raw(scripted_upstream)
+    yield port, received
+    server.stop()
+
+
+def test_response_flags_uo_dc_and_urx_through_the_proxy(proxy, scripted, tmp_path):
+    upstream_port, received = scripted
+    port = free_port()
+    path = tmp_path / "flags.log"
+    proc = proxy.start(flags_config(port, upstream_port, path, free_port()))
+
+    def reached(p: str) -> bool:
+        return any(f"GET {p} ".encode() in data for data in received)
+
+    # UO, max_requests: one request in flight (held by the upstream), the next refused.
+    held = [send_get(port, "/limited/hold")]
+    wait_until(lambda: reached("/limited/hold"), "the upstream got /limited/hold")
+    assert request(port, path="/limited/refused")[0] == 503
+    # UO, pending overflow: one request on the only connection, one waiting for it, the third refused.
+    held.append(send_get(port, "/queued/hold-1"))
+    wait_until(lambda: reached("/queued/hold-1"), "the upstream got /queued/hold-1")
+    held.append(send_get(port, "/queued/hold-2"))
+    wait_until(lambda: proc.stat("cluster.queued.upstream_rq_pending_active") == 1, "/queued/hold-2 waits")
+    assert request(port, path="/queued/refused")[0] == 503
+    # DC before any response: the waiting clients give up (reset); their upstream requests are cancelled.
+    for sock in held:
+        abort(sock)
+    wait_until(lambda: proc.stat("cluster.queued.upstream_rq_cancelled") == 2, "queued requests cancelled")
+    # DC mid-response: the upstream streams slowly, the client reads the first chunk and leaves.
+    with send_get(port, "/trickle") as sock:
+        got = b""
+        while b"first" not in got:
+            chunk = sock.recv(4096)
+            assert chunk, got
+            got += chunk
+    # URX: the policy would retry the second 503 too, but no retry is left.
+    assert request(port, path="/busy/urx")[0] == 503
+    # UO: the retry is refused by the cluster's max_retries breaker (0).
+    assert request(port, path="/busy/breaker")[0] == 503
+
+    logged = logged_by_path(path, 8)
+    assert logged["/limited/refused"] == ["503", "UO", "upstream_max_requests_overflow", "18", "limited"]
+    assert logged["/queued/refused"] == ["503", "UO", "upstream_overflow", "18", "queued"]
+    for hold, cluster in (("/limited/hold", "limited"), ("/queued/hold-1", "queued"), ("/queued/hold-2", "queued")):
+        assert logged[hold] == ["0", "DC", "downstream_remote_disconnect", "0", cluster], hold
+    code, flags, details, tx, cluster = logged["/trickle"]
+    assert (code, flags, details, cluster) == ("200", "DC", "downstream_remote_disconnect", "plain")
+    assert int(tx) >= 5  # "first", and maybe more chunks before the proxy saw the client gone
+    assert logged["/busy/urx"] == ["503", "URX", "via_upstream", "4", "retry_5xx"]
+    assert logged["/busy/breaker"] == ["503", "UO", "via_upstream", "4", "no_retries_left"]
+
+    stats = proc.stats()
+    # Envoy counts a max_requests refusal as a pending overflow too.
+    assert stats["cluster.limited.upstream_rq_pending_overflow"] == 1
+    assert stats["cluster.limited.upstream_rq_cancelled"] == 1
+    assert stats["cluster.queued.upstream_rq_pending_overflow"] == 1
+    assert (stats["cluster.retry_5xx.upstream_rq_retry"], stats["cluster.retry_5xx.upstream_rq_retry_limit_exceeded"],
+            stats["cluster.retry_5xx.upstream_rq_503"]) == (1, 1, 2)
+    assert (stats["cluster.no_retries_left.upstream_rq_retry_overflow"], stats["cluster.no_retries_left.upstream_rq_retry"],
+            stats["cluster.no_retries_left.upstream_rq_retry_limit_exceeded"], stats["cluster.no_retries_left.upstream_rq_503"]) == \
+        (1, 0, 0, 1)
+    assert stats["cluster.plain.upstream_rq_retry_limit_exceeded"] == 0
+    assert stats["http.web.downstream_rq_rx_reset"] == 4
+
+
+def test_an_upstream_closing_early_is_uc(proxy, scripted, tmp_path):
+    upstream_port, _ = scripted
+    port = free_port()
+    path = tmp_path / "flags.log"
+    proc = proxy.start(flags_config(port, upstream_port, path, free_port()))
+    # Before answering: 502, as the router README's table says.
+    assert request(port, path="/close/now")[0] == 502
+    # After the head and 10 of the 100 bytes it promised: the client's connection is cut.
+    reply = raw_exchange(port, b"GET /truncated HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(b"\r\n\r\n0123456789")
+    logged = logged_by_path(path, 2)
+    assert logged["/truncated"][:2] == ["200", "UC"] and logged["/truncated"][3] == "10"
+    assert logged["/truncated"][2].startswith("upstream_reset_after_response_started")
+    assert logged["/close/now"][:2] == ["502", "UC"]
+    assert logged["/close/now"][2].startswith("upstream_reset_before_response_started")
+    assert proc.stat("cluster.plain.upstream_cx_protocol_error") == 0
+    assert proc.stat("cluster.plain.upstream_rq_rx_reset") == 2
+
+
+def test_urx_on_used_up_retries_of_resets_and_connect_failures(proxy, scripted, tmp_path):
+    upstream_port, received = scripted
+    port, dead = free_port(), free_port()
+    path = tmp_path / "flags.log"
+    proc = proxy.start(flags_config(port, upstream_port, path, dead))
+    assert request(port, path="/close/urx")[0] == 502
+    assert request(port, path="/dead/urx")[0] == 503
+    logged = logged_by_path(path, 2)
+    # Compared as sets here: their order is the subject of the next test.
+    code, flags, details, _, cluster = logged["/close/urx"]
+    assert (code, cluster) == ("502", "retry_reset") and "URX" in flags.split(",") and len(flags.split(",")) == 2
+    code, flags, details, _, cluster = logged["/dead/urx"]
+    assert (code, set(flags.split(",")), cluster) == ("503", {"UF", "URX"}, "dead")
+    assert details.startswith("upstream_connect_failure")
+    assert sum(data.count(b"GET /close/urx ") for data in received) == 2
+    stats = proc.stats()
+    assert (stats["cluster.retry_reset.upstream_rq_retry"], stats["cluster.retry_reset.upstream_rq_retry_limit_exceeded"]) == (1, 1)
+    assert (stats["cluster.dead.upstream_rq_retry"], stats["cluster.dead.upstream_rq_retry_limit_exceeded"],
+            stats["cluster.dead.upstream_cx_connect_fail"]) == (1, 1, 2)
+
+
+def test_urx_comes_after_the_failure_flag_as_in_envoy_and_tcp_proxy(proxy, scripted, tmp_path):
+    port = free_port()
+    path = tmp_path / "flags.log"
+    proxy.start(flags_config(port, scripted[0], path, free_port()))
+    assert request(port, path="/dead/urx")[0] == 503
+    assert logged_by_path(path, 1)["/dead/urx"][:2] == ["503", "UF,URX"]
+
+
+def test_trailer_operator_logs_the_upstream_response_trailers(proxy, scripted, tmp_path):
+    port = free_port()
+    path = tmp_path / "trailers.log"
+    line_format = ("%REQ(:PATH)%|%RESPONSE_CODE%|%TRAILER(grpc-status)%|%TRAILER(GRPC-MESSAGE)%|%TRAILER(grpc-message):3%|"
+                   "%TRAILER(x-none?grpc-status)%|%TRAILER(x-none)%|%RESP(grpc-status)%")
+    proxy.start(flags_config(port, scripted[0], path, free_port(), line_format))
+    reply = raw_exchange(port, b"GET /trailer HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n"), reply
+    # The client got them too, after the body.
+    assert reply.endswith(b"\r\n2\r\nok\r\n0\r\ngrpc-status: 0\r\ngrpc-message: all fine\r\n\r\n"), reply
+    # A response without trailers: every TRAILER operator prints "-".
+    assert request(port, path="/busy/plain")[0] == 503
+    first, second = wait_lines(path, 2)
+    assert first == "/trailer|200|0|all fine|all|0|-|-"
+    assert second == "/busy/plain|503|-|-|-|-|-|-"

@@ -221,3 +221,24 @@ def test_bad_config_is_refused_by_validate(tmp_path) -> None:
                   "stats.sinks[0].config.prefix", "stats.sinks[1].config"):
         assert where in result.stderr, result.stderr
     assert "missing required field 'address'" in result.stderr
+
+
+def test_a_flush_is_batched_into_datagrams_of_many_lines(proxy, upstream, receiver) -> None:
+    """Lines are not sent one per datagram: with room enough, a whole flush
+    (counters, gauges and timers) is one datagram."""
+    port = free_port()
+    sink = f"{{name: statsd, config: {{address: '127.0.0.1:{receiver.port}', flush_interval: 200ms, max_packet_size: 65000}}}}"
+    proc = proxy.start(config(port, upstream[0], sink))
+    for _ in range(3):
+        assert get(port) == 200
+    proc.wait_stat("http.web.downstream_rq_completed", 3)
+    packets = receiver.until(counted("outrider.http.web.downstream_rq_total", 3))
+    # Each flush is one datagram, so each datagram holds every gauge (and
+    # server.live among them) with whatever counters and timers moved.
+    assert all(b"outrider.server.live:1|g" in p.split(b"\n") for p in packets), packets
+    carriers = [p.decode().split("\n") for p in packets if b"outrider.http.web.downstream_rq_total:" in p]
+    assert carriers and all(len(lines) >= 10 for lines in carriers), carriers
+    assert any(line.startswith("outrider.cluster.backend.upstream_rq_time:") and "|ms" in line
+               for lines in carriers for line in lines)
+    stats = proc.stats()
+    assert stats["stats_sinks.statsd.packets_sent"] == stats["stats_sinks.statsd.flushed"] >= len(packets)

@@ -5,6 +5,7 @@ not touch requests."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 
@@ -17,7 +18,7 @@ from outrider.extensions.tracers.zipkin import (
 from outrider.tracing import SpanContext
 from support import free_port, start_raw
 from tracing_support import (
-    HEX16, HEX32, config, hanging_collector, request_headers, retrying_config, seen_by_upstream, validate,
+    Collector, HEX16, HEX32, config, hanging_collector, request_headers, retrying_config, seen_by_upstream, validate,
 )
 
 B3_NAMES = {"b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags"}
@@ -288,7 +289,8 @@ def test_errors_are_tagged_on_both_spans(proxy, collector):
     assert statuses == [503, 502, 504]
     expected = {
         "/unavailable": ("503", "true", "503", "true"),
-        "/reset": ("502", "upstream_protocol_error{upstream_closed_before_response}", None, "protocol_error"),
+        # The upstream closes instead of answering: a connection termination.
+        "/reset": ("502", "upstream_reset_before_response_started{connection_termination}", None, "connection_termination"),
         "/stall": ("504", "upstream_response_timeout", None, "timeout"),
     }
     for path, (status, error, client_status, client_error) in expected.items():
@@ -298,7 +300,7 @@ def test_errors_are_tagged_on_both_spans(proxy, collector):
         assert server_span["tags"]["error"] == error, path
         assert client["tags"].get("http.status_code") == client_status
         assert client["tags"]["error"] == client_error, path
-    assert by_url(spans, "/reset")[0]["tags"]["response_flags"] == "UPE"
+    assert by_url(spans, "/reset")[0]["tags"]["response_flags"] == "UC"
     assert by_url(spans, "/stall")[0]["tags"]["response_flags"] == "UT"
 
 
@@ -412,3 +414,43 @@ clusters: []
     assert result.returncode != 0
     assert re.search(r"tracing\.yaml:5:25: tracing\.provider\.config\.collector: ", result.stderr), result.stderr
     assert message in result.stderr
+
+
+class SlowFirstCollector(Collector):
+    """A collector that takes 300 ms to answer its first report."""
+
+    async def _receive(self, request):
+        if not self.posts:
+            await asyncio.sleep(0.3)
+        return await super()._receive(request)
+
+
+def test_spans_are_batched_up_to_max_batch_per_post(proxy, upstream, flaky):
+    """With an hour's flush interval, only max_batch (3) waiting spans
+    trigger a report: a retried request's three spans (a server span and
+    two attempts) go in one POST. Spans that pile up while a report is in
+    flight go out max_batch at a time; the rest goes at shutdown."""
+    (upstream_port, _), (flaky_port, _) = upstream, flaky
+    collector = SlowFirstCollector()
+    try:
+        port = free_port()
+        tracer_config = f'{{collector: "{collector.url("/api/v2/spans")}", flush_interval: 1h, max_batch: 3}}'
+        proc = proxy.start(retrying_config(port, flaky_port, upstream_port, "zipkin", tracer_config))
+        with httpx.Client() as client:
+            assert client.get(f"http://127.0.0.1:{port}/first").status_code == 200
+            # Every request is retried once (round robin puts its first attempt on the flaky host).
+            for i in range(3):  # while the first report is held up
+                assert client.get(f"http://127.0.0.1:{port}/more/{i}").status_code == 200
+        first = collector.wait_spans(zipkin_spans, 3)
+        assert collector.posts and len(collector.posts[0][2]) == 3
+        [server] = by_url(first[:3], "/first")
+        assert sorted(s["kind"] for s in first[:3]) == ["CLIENT", "CLIENT", "SERVER"]
+        assert {s["traceId"] for s in first[:3]} == {server["traceId"]}
+        assert proc.stop() == 0  # what is left (fewer than max_batch) is sent at shutdown
+        spans = collector.wait_spans(zipkin_spans, 12)
+        assert len(spans) == 12 and len({s["id"] for s in spans}) == 12
+        sizes = [len(body) for _, _, body in collector.posts]
+        assert all(1 <= n <= 3 for n in sizes), sizes
+        assert len(sizes) >= 4, sizes
+    finally:
+        collector.stop()

@@ -79,6 +79,7 @@ class Router(HttpFilter):
     timer: Timeout | None = None
     try_timer: Timeout | None = None  # the current attempt's per_try_timeout
     retries_held = 0  # this request's share of the cluster's max_retries
+    retry_limit_exceeded = False  # a retriable outcome with no retry left (URX)
     done = False
     upstream_class: type["UpstreamRequest"]  # UpstreamRequest (set below), or DebugUpstreamRequest
     debug_upstream_class: type["UpstreamRequest"]  # DebugUpstreamRequest (set below); tracing.py has its own
@@ -259,7 +260,7 @@ class Router(HttpFilter):
         Envoy's URX flag and ``upstream_rq_retry_limit_exceeded``."""
         if retriable and self.retry.remaining <= 0:  # type: ignore[union-attr]
             self.cluster.stats.upstream_rq_retry_limit_exceeded.value += 1
-            self.stream.add_response_flag("URX")
+            self.retry_limit_exceeded = True  # URX, after the failure's own flag
 
     def _use_retry(self) -> bool:
         assert self.retry is not None
@@ -306,6 +307,7 @@ class Router(HttpFilter):
             return False
         if retry is not None and not retry.remaining and retry.retry_status(head.status):
             self._note_retries_exhausted(True)
+            self.stream.add_response_flag("URX")  # the upstream's answer goes down as is
         if self.attempts > 1:
             self.cluster.stats.upstream_rq_retry_success.value += 1
         now = time.monotonic()
@@ -375,6 +377,9 @@ class Router(HttpFilter):
         self._cancel_timer()
         self._cancel_try_timer()
         self._release_retries()
+        if self.retry_limit_exceeded:  # as Envoy and tcp_proxy print it: UF,URX
+            self.stream.add_response_flag(flag)
+            flag = "URX"
         self.stream.send_local_reply(status, body, details=details, flag=flag)
 
     def _cancel_timer(self) -> None:
