@@ -47,6 +47,10 @@ class AdminServer(Protocol):
 
     def request_shutdown(self) -> None: ...
 
+    async def refresh_stats(self) -> None:
+        """Optional: bring ``stats`` (and the hosts' load) up to date before
+        they are read (a supervisor asks its workers)."""
+
 
 SERVER_KEY = web.AppKey("outrider_server", object)
 
@@ -114,6 +118,7 @@ async def _stats(request: web.Request) -> web.Response:
     except re.error as exc:
         raise web.HTTPBadRequest(text=f"invalid regex in filter {pattern!r}: {exc}\n") from None
     used_only = "usedonly" in request.query
+    await _refresh(request)
     store = _server(request).stats
     # Take (name, value) pairs once so both output forms show the same snapshot.
     stats = [
@@ -194,6 +199,7 @@ def _extension_endpoints(server: Any) -> list[Any]:
 
 def _extension_handler(endpoint: Any) -> Handler:
     async def handle(request: web.Request) -> web.Response:
+        await _refresh(request)  # e.g. the prometheus sink's page reads the stats
         try:
             status, content_type, body = endpoint.handler(request.query)
         except ValueError as exc:
@@ -263,7 +269,14 @@ def _clusters_json(clusters: list[Any]) -> dict[str, Any]:
     }
 
 
+async def _refresh(request: web.Request) -> None:
+    refresh = getattr(_server(request), "refresh_stats", None)
+    if refresh is not None:
+        await refresh()
+
+
 async def _clusters(request: web.Request) -> web.Response:
+    await _refresh(request)
     clusters = list(_server(request).clusters.values())
     return _formatted(request, lambda: _clusters_text(clusters), lambda: _clusters_json(clusters))
 
@@ -284,13 +297,25 @@ async def _server_info(request: web.Request) -> web.Response:
             "uptime_current_epoch": uptime,
             "uptime_all_epochs": uptime,
             "hot_restart_version": "disabled",
-            "command_line_options": {"config_path": server.config_source},
+            "command_line_options": {"config_path": server.config_source, "concurrency": _concurrency(server)},
             "pid": server.pid,
+            # Not in Envoy's answer: the worker processes' ids (workers > 1).
+            "worker_pids": _worker_pids(server),
             # Not in Envoy's answer: which asyncio loop serves (uvloop unless
             # --no-uvloop or it is not installed); it changes the numbers.
             "event_loop": _event_loop_name(),
         }
     )
+
+
+def _concurrency(server: Any) -> int:
+    supervisor = getattr(server, "supervisor", None)
+    return supervisor.count if supervisor is not None else 1
+
+
+def _worker_pids(server: Any) -> list[int]:
+    supervisor = getattr(server, "supervisor", None)
+    return supervisor.pids() if supervisor is not None else []
 
 
 def _event_loop_name() -> str:

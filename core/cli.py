@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from importlib import resources
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
 from .registry import Registry, RegistryError, load_registry
@@ -53,24 +53,32 @@ def _load(path: str | None, registry: Registry) -> tuple[dict, str]:
         raise SystemExit(1) from exc
 
 
+def _run_loop(main: Any, no_uvloop: bool) -> Any:
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:  # pragma: no cover - uvloop is optional off Linux
+        uvloop = None
+    if uvloop is not None and not no_uvloop:
+        return uvloop.run(main)
+    return asyncio.run(main)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .server import Server, StartupError
+    from .workers import worker_count
 
     _setup_logging(args.log_level)
     registry = _registry_or_exit()
     config, source = _load(args.config, registry)
     if registry.plugin_manager is not None:
         registry.plugin_manager.hook.outrider_config_loaded(config=config)
+    if worker_count(config.get("workers")) > 1:
+        worker_args = ["--log-level", args.log_level] + (["--no-uvloop"] if args.no_uvloop else [])
+        server = Server(config, registry, config_source=source, role="supervisor", worker_args=worker_args)
+    else:
+        server = Server(config, registry, config_source=source)
     try:
-        import uvloop  # type: ignore[import-not-found]
-    except ImportError:  # pragma: no cover - uvloop is optional off Linux
-        uvloop = None
-    server = Server(config, registry, config_source=source)
-    try:
-        if uvloop is not None and not args.no_uvloop:
-            uvloop.run(server.run())
-        else:
-            asyncio.run(server.run())
+        _run_loop(server.run(), args.no_uvloop)
     except StartupError as exc:
         logging.getLogger("outrider").error("%s", exc)
         print(f"outrider: {exc}", file=sys.stderr)
@@ -78,6 +86,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # pragma: no cover - the signal handler normally wins
         pass
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A worker process, started by ``outrider run`` (see workers.py)."""
+    from .workers import serve_worker
+
+    _setup_logging(args.log_level)
+    registry = _registry_or_exit()
+    try:
+        return int(_run_loop(serve_worker(args.control_fd, registry), args.no_uvloop))
+    except KeyboardInterrupt:  # pragma: no cover - the signal handler normally wins
+        return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -160,7 +180,7 @@ def cmd_extensions_show(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="outrider", description="A plugin-first L4/L7 proxy.")
     parser.add_argument("--version", action="version", version=f"outrider {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,validate,extensions}")
 
     run = sub.add_parser("run", help="run the proxy (the embedded default config when no -c is given)")
     run.add_argument("-c", "--config", help="the YAML configuration file")
@@ -168,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["debug", "info", "warning", "error", "critical"])
     run.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
     run.set_defaults(func=cmd_run)
+
+    # Started by `run` with `workers: N`, never by hand (no help line).
+    worker = sub.add_parser("worker")
+    worker.add_argument("--control-fd", type=int, required=True)
+    worker.add_argument("-l", "--log-level", default="info")
+    worker.add_argument("--no-uvloop", action="store_true")
+    worker.set_defaults(func=cmd_worker)
 
     validate = sub.add_parser("validate", help="check a configuration file without starting anything")
     validate.add_argument("config", help="the YAML configuration file")

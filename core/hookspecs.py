@@ -60,7 +60,14 @@ def outrider_config_loaded(config: dict[str, Any]) -> None:
 
 @hookspec
 def outrider_server_started(server: Any) -> None:
-    """All listeners are bound and the admin interface is serving."""
+    """All listeners are bound and the admin interface is serving.
+
+    With ``workers: N`` this runs in every process: in each worker (its
+    listeners bound; ``server.role == "worker"``) and in the supervisor
+    (admin and sinks; ``"supervisor"``). Extension factories run in every
+    process too, the supervisor included (it builds the config to answer
+    the admin), so keep connections and threads out of factories: start
+    them when traffic or this hook calls for them."""
 
 
 @hookspec

@@ -19,6 +19,7 @@ from .registry import Registry
 from .sinks import SinkRunner, build_sinks
 from .stats import StatsGroup, StatsStore, TagExtractor
 from .tracing import HttpTracing, build_tracing
+from .workers import Supervisor, worker_count
 
 log = logging.getLogger("outrider.server")
 
@@ -58,7 +59,6 @@ def memory_allocated() -> int:
 #: ``load_config(..., unsupported=UNSUPPORTED)``.
 _OFF = (None, [], {}, False, 0)
 UNSUPPORTED: tuple[tuple[tuple[str, ...], str, tuple], ...] = (
-    (("workers",), "more than one worker process", (1, None)),
     (("admin", "access_log_path"), "admin access logs", _OFF),
     (("listeners", "*", "tls"), "TLS on listeners", _OFF),
     (("listeners", "*", "network_filters"), "network filters", _OFF),
@@ -76,10 +76,30 @@ class StartupError(Exception):
 
 
 class Server:
-    """One running configuration: clusters, listeners, admin."""
+    """One running configuration: clusters, listeners, admin.
 
-    def __init__(self, config: dict[str, Any], registry: Registry, config_source: str = "<embedded default>") -> None:
+    ``role`` is ``"single"`` (one process does everything), ``"supervisor"``
+    (admin, sinks and server stats; the listeners are served by worker
+    processes: see workers.py) or ``"worker"`` (listeners bound with
+    SO_REUSEPORT, no admin, no sinks).
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        registry: Registry,
+        config_source: str = "<embedded default>",
+        role: str = "single",
+        worker_args: list[str] | None = None,
+    ) -> None:
         self.config = config
+        self.role = role
+        #: The supervisor's worker processes (role "supervisor" only).
+        self.supervisor: Supervisor | None = None
+        self._worker_args = worker_args or []
+        #: Memory of the workers, as they last reported it (supervisor).
+        self.workers_memory = 0
+        self._collecting: asyncio.Task[None] | None = None
         self.registry = registry
         self.config_source = config_source
         self.stats = StatsStore()
@@ -121,8 +141,17 @@ class Server:
             self._attach_access_logs(listener, lconf, ctx)
             self.listeners.append(listener)
         self.stats.tag_extractor = TagExtractor.for_config(self.config)
-        self.sinks = build_sinks(self.config.get("stats", {}).get("sinks", ()), ctx)
-        self.admin_endpoints = [e for sink in self.sinks for e in sink.admin_endpoints()]
+        if self.role != "worker":  # the supervisor flushes every worker's stats
+            self.sinks = build_sinks(self.config.get("stats", {}).get("sinks", ()), ctx)
+            self.admin_endpoints = [e for sink in self.sinks for e in sink.admin_endpoints()]
+        if self.role == "supervisor":
+            count = worker_count(self.config.get("workers"))
+            ephemeral = [lc["name"] for lc in self.config.get("listeners", []) if not lc.get("port")]
+            if ephemeral:
+                raise StartupError(
+                    f"listener {ephemeral[0]!r}: port 0 cannot be shared by {count} workers; give it a port"
+                )
+            self.supervisor = Supervisor(self, count, self._worker_args)
 
     def build_or_raise(self) -> None:
         """``build``, with an extension's refusal reported as a StartupError."""
@@ -183,6 +212,9 @@ class Server:
 
     def reopen_access_logs(self) -> None:
         """SIGUSR1: reopen access log files (after logrotate moved them)."""
+        if self.supervisor is not None:  # the workers write them
+            self.supervisor.signal_all(signal.SIGUSR1)
+            return
         log.info("reopening access logs")
         for access_logs in self.access_logs:
             access_logs.reopen()
@@ -197,25 +229,34 @@ class Server:
         self._server_stats = ServerStats(self.stats.scope("server"))
         self._server_stats.live.value = 0
         try:
-            for listener in self.listeners:
-                await listener.start()
-            admin_host, admin_port = self.config["admin"]["host"], self.config["admin"]["port"]
-            self._admin_runner = await start_admin(self, admin_host, admin_port)
+            if self.supervisor is None:
+                for listener in self.listeners:
+                    await listener.start(reuse_port=self.role == "worker")
+            else:
+                await self.supervisor.start()
+            if self.role != "worker":
+                admin_host, admin_port = self.config["admin"]["host"], self.config["admin"]["port"]
+                self._admin_runner = await start_admin(self, admin_host, admin_port)
         except OSError as exc:
             await self._close_listeners()
+            if self.supervisor is not None:
+                await self.supervisor.stop(0.0)
             raise StartupError(f"cannot bind: {exc.strerror or exc}") from exc
         self.state = "LIVE"
         self._server_stats.live.value = 1
-        self._server_stats.concurrency.value = 1
+        self._server_stats.concurrency.value = self.supervisor.count if self.supervisor is not None else 1
         self._histograms_latched = time.monotonic()
         self._tick()
         for sink in self.sinks:
             sink.start()
-        if self.tracing is not None:
+        if self.tracing is not None and self.supervisor is None:  # spans come from the processes serving
             self.tracing.start()
-        admin_host = self.config["admin"]["host"]
-        admin = f"[{admin_host.strip('[]')}]" if ":" in admin_host else admin_host
-        log.info("outrider %s live (config %s); admin on %s:%d", self.version, self.config_source, admin, bound_port(self._admin_runner))
+        if self._admin_runner is not None:
+            admin_host = self.config["admin"]["host"]
+            admin = f"[{admin_host.strip('[]')}]" if ":" in admin_host else admin_host
+            log.info("outrider %s live (config %s); admin on %s:%d", self.version, self.config_source, admin, bound_port(self._admin_runner))
+        # In every process that serves or supervises: a plugin may hold
+        # per-process state (a worker is a process of its own).
         if self.hook:
             self.hook.outrider_server_started(server=self)
 
@@ -223,6 +264,11 @@ class Server:
         """Begin a graceful stop (from a signal or the admin's /quitquitquit)."""
         if self._stopped is not None and not self._stopped.is_set():
             self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        """Until a shutdown is requested (after :meth:`start`)."""
+        assert self._stopped is not None
+        await self._stopped.wait()
 
     async def run(self) -> None:
         """Start, serve until asked to stop, then drain and stop."""
@@ -232,15 +278,23 @@ class Server:
             loop.add_signal_handler(sig, self.request_shutdown)
         if hasattr(signal, "SIGUSR1"):
             loop.add_signal_handler(signal.SIGUSR1, self.reopen_access_logs)
-        assert self._stopped is not None
-        await self._stopped.wait()
+        await self.wait_stopped()
         await self.stop()
+
+    async def refresh_stats(self) -> None:
+        """Bring the stats up to date before they are read (the admin calls
+        this): a supervisor collects its workers' stats; otherwise a no-op."""
+        if self.supervisor is not None and self.state == "LIVE":
+            await self.supervisor.collect()
 
     async def stop(self, drain_timeout: float = DRAIN_TIMEOUT) -> None:
         self.state = "DRAINING"
         log.info("draining %d listeners (up to %.3gs)", len(self.listeners), drain_timeout)
         if self.hook:
             self.hook.outrider_draining(server=self)
+        if self.supervisor is not None:
+            await self.supervisor.collect()  # the last word of each worker, for the sinks' last flush
+            await self.supervisor.stop(drain_timeout)
         await asyncio.gather(*(listener.drain(drain_timeout) for listener in self.listeners))
         await self._close_listeners()
         self.cluster_manager.close()
@@ -267,7 +321,13 @@ class Server:
         # Once a second is plenty for slow-moving server gauges.
         if self._server_stats is not None and self.state != "DRAINING":
             self._server_stats.uptime.value = int(self.uptime())
-            self._server_stats.memory_allocated.value = memory_allocated()
+            self._server_stats.memory_allocated.value = memory_allocated() + self.workers_memory
+            if self.supervisor is not None and self.state == "LIVE" and (
+                self._collecting is None or self._collecting.done()
+            ):
+                # Fresh for the sinks, and what a worker counted is at most
+                # a second old should it die.
+                self._collecting = asyncio.get_running_loop().create_task(self.supervisor.collect())
             if time.monotonic() - self._histograms_latched >= HISTOGRAM_INTERVAL:
                 self._histograms_latched = time.monotonic()
                 self.stats.latch_histograms()

@@ -701,10 +701,11 @@ def unsupported_errors(text: str) -> list[ConfigError]:
 
 
 @pytest.mark.parametrize("value", ["2", "auto"])
-def test_more_than_one_worker_is_refused_until_it_is_built(value: str) -> None:
-    [error] = unsupported_errors(f"workers: {value}\n")
-    assert (error.line, error.column, error.path) == (1, 1, "workers")
-    assert error.message == "more than one worker process: not supported yet in this version of outrider; remove this setting"
+def test_workers_are_built_now(value: str) -> None:
+    from outrider.server import UNSUPPORTED
+
+    config = load_config_text(f"workers: {value}\n", BASIC, source="test.yaml", unsupported=UNSUPPORTED)
+    assert config["workers"] == (2 if value == "2" else "auto")
 
 
 def test_documented_but_unbuilt_settings_are_refused_not_ignored() -> None:
