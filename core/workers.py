@@ -98,6 +98,8 @@ async def serve_worker(control_fd: int, registry: "Registry") -> int:
     from .server import Server, StartupError
 
     loop = asyncio.get_running_loop()
+    _stop_with_the_parent()
+    parent = os.getppid()
     sock = socket.socket(fileno=control_fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     size = int.from_bytes(await reader.readexactly(4), "big")
@@ -115,6 +117,8 @@ async def serve_worker(control_fd: int, registry: "Registry") -> int:
     _send(writer, {"ready": os.getpid()})
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_shutdown)
+    if os.getppid() != parent:  # the supervisor died before the death signal was armed
+        server.request_shutdown()
     loop.add_signal_handler(signal.SIGUSR1, server.reopen_access_logs)
     control = loop.create_task(_answer(reader, writer, server))
     await server.wait_stopped()
@@ -125,12 +129,30 @@ async def serve_worker(control_fd: int, registry: "Registry") -> int:
 
 
 async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: "Server") -> None:
-    while line := await reader.readline():
-        if json.loads(line).get("op") == "stats":
-            _send(writer, stats_report(server))
+    try:
+        while line := await reader.readline():
+            try:
+                if json.loads(line).get("op") == "stats":
+                    _send(writer, stats_report(server))
+            except Exception:  # a bad request or report: log it, keep answering
+                log.exception("worker %s: cannot answer %r", getattr(server, "worker_index", "?"), line[:80])
+    except OSError:
+        pass
     # The supervisor is gone (EOF): nobody would stop this worker; drain now.
     log.warning("worker %s: the supervisor went away; draining", getattr(server, "worker_index", "?"))
     server.request_shutdown()
+
+
+def _stop_with_the_parent() -> None:
+    """Linux: SIGTERM this process when its parent (the supervisor) dies,
+    even if the control channel somehow did not say so."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the channel's EOF is the signal
+        pass
 
 
 def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
