@@ -96,6 +96,8 @@ def _effective_state(server: AdminServer) -> str:
     # reports DRAINING: it is telling load balancers to take it out.
     if server.state == "LIVE" and server.healthcheck_failed:
         return "DRAINING"
+    if server.state == "LIVE" and getattr(server, "supervisor", None) is not None and not _worker_pids(server):
+        return "INITIALIZING"  # every worker is being restarted: nothing serves
     return server.state
 
 

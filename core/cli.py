@@ -92,10 +92,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """A worker process, started by ``outrider run`` (see workers.py)."""
     from .workers import serve_worker
 
+    # Until the loop takes SIGUSR1 over, a log rotation must not kill a
+    # worker that is still starting (the default action ends the process).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     _setup_logging(args.log_level)
     registry = _registry_or_exit()
     try:
-        return int(_run_loop(serve_worker(args.control_fd, registry), args.no_uvloop))
+        return int(_run_loop(serve_worker(args.control_fd, args.supervisor_pid, registry), args.no_uvloop))
     except KeyboardInterrupt:  # pragma: no cover - the signal handler normally wins
         return 0
 
@@ -192,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Started by `run` with `workers: N`, never by hand (no help line).
     worker = sub.add_parser("worker")
     worker.add_argument("--control-fd", type=int, required=True)
+    worker.add_argument("--supervisor-pid", type=int, required=True)
     worker.add_argument("-l", "--log-level", default="info")
     worker.add_argument("--no-uvloop", action="store_true")
     worker.set_defaults(func=cmd_worker)

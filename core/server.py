@@ -292,8 +292,7 @@ class Server:
         log.info("draining %d listeners (up to %.3gs)", len(self.listeners), drain_timeout)
         if self.hook:
             self.hook.outrider_draining(server=self)
-        if self.supervisor is not None:
-            await self.supervisor.collect()  # the last word of each worker, for the sinks' last flush
+        if self.supervisor is not None:  # each worker's final report is merged, for the sinks' last flush
             await self.supervisor.stop(drain_timeout)
         await asyncio.gather(*(listener.drain(drain_timeout) for listener in self.listeners))
         await self._close_listeners()

@@ -572,6 +572,9 @@ class ActiveStream:
         response = ResponseHead(status, head_headers, content_length=len(body))
         from_filter = self._current if self._current < len(self.filters) else None
         self._req_stopped = None
+        # It replaces a response a filter may be holding (STOP): what was
+        # held, or queued behind it, is dropped.
+        self._resp_stopped = self._resp_pending = None
         self.encode_headers(response, not body, from_filter=from_filter)
         if body and not self.destroyed:
             self.encode_body(body, True, from_filter=from_filter)

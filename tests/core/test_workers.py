@@ -107,6 +107,7 @@ def test_a_worker_that_dies_is_replaced_and_totals_do_not_go_down(proxy, upstrea
     proc = proxy.start(config(port, upstream_port))
     assert [get(port, "/before") for _ in range(20)] == [200] * 20
     assert proc.stat("http.web.downstream_rq_total") == 20
+    before = proc.stats()
     victim = server_info(proc)["worker_pids"][0]
     os.kill(victim, signal.SIGKILL)
     assert wait_for(lambda: victim not in server_info(proc)["worker_pids"] and len(server_info(proc)["worker_pids"]) == 2)
@@ -114,7 +115,11 @@ def test_a_worker_that_dies_is_replaced_and_totals_do_not_go_down(proxy, upstrea
     assert re.search(rf"worker 0 \(pid {victim}\) exited with status -9; starting another", proc.output())
     # Requests keep working (on both workers), and what the dead one counted is kept.
     assert [get(port, "/after") for _ in range(20)] == [200] * 20
-    assert proc.stat("http.web.downstream_rq_total") == 40
+    after = proc.stats()
+    assert after["http.web.downstream_rq_total"] == 40
+    for i in range(2):  # per-worker counters do not go down with a new process either
+        name = f"listener.127.0.0.1:{port}.worker_{i}.downstream_cx_total"
+        assert after.get(name, 0) >= before.get(name, 0)
 
 
 def test_sigterm_drains_every_worker_and_exits_zero(proxy, upstream):
@@ -180,3 +185,49 @@ def test_workers_drain_and_exit_when_the_supervisor_dies(proxy, upstream):
     proc.proc.kill()  # no chance to stop them: the kernel's parent-death signal or the closed channel does
     proc.proc.wait(5)
     assert wait_for(lambda: not any(alive(p) for p in pids), timeout=10)
+
+
+def test_a_big_stats_report_and_the_final_report_at_shutdown(proxy, upstream):
+    # 80 clusters make each worker's report larger than asyncio's 64 KiB
+    # line limit; and what the workers served after the last collection
+    # reaches the sink's last flush through their final reports.
+    upstream_port, _ = upstream
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(10)
+    port = free_port()
+    extra = "".join(f"  - {{name: c{i}, endpoints: ['127.0.0.1:{upstream_port}']}}\n" for i in range(80))
+    statsd = f"'127.0.0.1:{receiver.getsockname()[1]}'"
+    sinks = f"stats: {{sinks: [{{name: statsd, config: {{address: {statsd}, flush_interval: 1h, prefix: ''}}}}]}}\n"
+    try:
+        proc = proxy.start(config(port, upstream_port, extra_top=sinks) + extra)
+        assert proc.stat("cluster.c79.membership_total") == 1
+        assert [get(port, f"/r{i}") for i in range(10)] == [200] * 10
+        assert proc.stat("http.web.downstream_rq_total") == 10
+        assert [get(port, f"/s{i}") for i in range(5)] == [200] * 5  # maybe not collected before the stop
+        assert proc.stop(signal.SIGTERM) == 0
+        lines: list[str] = []
+        while not any(line.startswith("http.web.downstream_rq_total:") for line in lines):
+            lines += receiver.recv(65536).decode().split("\n")
+    finally:
+        receiver.close()
+    # The sink's only flush is its last one: every request is in it.
+    assert "http.web.downstream_rq_total:15|c" in lines
+
+
+def test_a_worker_that_stops_answering_is_killed_and_replaced(proxy, upstream):
+    upstream_port, _ = upstream
+    port = free_port()
+    proc = proxy.start(config(port, upstream_port))
+    hung = server_info(proc)["worker_pids"][0]
+    os.kill(hung, signal.SIGSTOP)  # alive, holding its share of the port, answering nothing
+    try:
+        # The supervisor asks every second and waits 2 s for each answer:
+        # after 3 missed answers it kills the worker and starts another.
+        assert wait_for(lambda: hung not in server_info(proc)["worker_pids"] and len(server_info(proc)["worker_pids"]) == 2, timeout=20)
+    finally:
+        if alive(hung):
+            os.kill(hung, signal.SIGCONT)
+    assert "stopped answering; killing it" in proc.output()
+    assert proc.stat("server.worker_restarts") == 1
+    assert [get(port, "/") for _ in range(10)] == [200] * 10

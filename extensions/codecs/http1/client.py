@@ -146,8 +146,11 @@ class Http1ClientConnection(BatchedWriter, asyncio.Protocol):
         except ParseError:
             # Closed before the response was complete: not a malformed
             # response but a connection termination (Envoy's UC), which
-            # connection_lost reports once the transport is closed.
-            pass
+            # connection_lost reports. Abort: a close would first wait for
+            # request bytes the upstream may never read.
+            self._keep_alive = False
+            self.abort()
+            return True
         self._keep_alive = False
         return False
 

@@ -84,6 +84,15 @@ class Replace(HttpFilter):
             return STOP
 
 
+class LateReplace(HttpFilter):
+    """Holds a 418 and, 50 ms later, answers 503 itself instead."""
+
+    def on_response_headers(self, response, end_stream):
+        if response.status == 418:
+            asyncio.get_running_loop().call_later(0.05, self.stream.send_local_reply, 503, "replaced later\\n")
+            return STOP
+
+
 class ResponseBoom(HttpFilter):
     """Raises in the response phase when the request had x-resp-boom."""
 
@@ -99,7 +108,7 @@ class ResponseBoom(HttpFilter):
 
 FILTERS = {
     "shout": Shout, "hold": Hold, "buffer": Buffer, "trailers": Trailers,
-    "replace": Replace, "resp_boom": ResponseBoom,
+    "replace": Replace, "late_replace": LateReplace, "resp_boom": ResponseBoom,
 }
 
 
@@ -278,3 +287,14 @@ def test_a_local_reply_from_the_response_phase_replaces_the_response_once(start_
     assert body == b"REPLACED\n"  # shout, before replace, saw the reply
     assert proc.stat("http.chain.downstream_rq_5xx") == 1
     assert proc.stat("http.chain.filter_error") == 0
+
+
+def test_a_held_response_replaced_later_by_a_local_reply_is_sent_whole(start_chain, upstream):
+    upstream_port, _ = upstream
+    proc, port = start_chain(["late_replace"], upstream_port)
+    answer = exchange(port, b"GET /status/418 HTTP/1.1\r\nHost: h\r\n\r\n", b"later\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and body == b"replaced later\n"
+    # The held 418 was dropped, and the proxy keeps serving.
+    ok = exchange(port, b"GET /y HTTP/1.1\r\nHost: h\r\n\r\n", b"}")
+    assert ok.startswith(b"HTTP/1.1 200 ")

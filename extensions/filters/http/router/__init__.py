@@ -53,6 +53,8 @@ class RetryState:
 
     def retry_reset(self, reason: str) -> bool:
         on = self.on
+        if reason == "overflow":  # the pool's own limit: another try would only queue again (as Envoy)
+            return False
         if reason in ("connect_failure", "connect_timeout"):
             return "connect-failure" in on or "5xx" in on or "gateway-error" in on
         return "reset" in on or "5xx" in on or "gateway-error" in on
