@@ -257,6 +257,9 @@ class ActiveStream:
     _current = 0
     _reading_paused = False
     _watermark_listeners: tuple[Any, ...] = ()
+    #: The client reads slower than the response is produced (the codec said
+    #: so); a listener added meanwhile is told at once.
+    downstream_write_paused = False
     _request_timer: Timeout | None = None
     _state: dict[str, Any] | None = None
     #: A ``DebugInfo`` when this request asked for the debug header and may
@@ -609,17 +612,22 @@ class ActiveStream:
 
     def add_watermark_listener(self, listener: Any) -> None:
         """``listener.on_downstream_write_paused()`` / ``_resumed()`` are called
-        when the client reads slower than the response is produced."""
+        when the client reads slower than the response is produced (at once
+        when it already does)."""
         self._watermark_listeners += (listener,)
+        if self.downstream_write_paused:
+            listener.on_downstream_write_paused()
 
     def remove_watermark_listener(self, listener: Any) -> None:
         self._watermark_listeners = tuple(x for x in self._watermark_listeners if x is not listener)
 
     def on_downstream_write_paused(self) -> None:
+        self.downstream_write_paused = True
         for listener in self._watermark_listeners:
             listener.on_downstream_write_paused()
 
     def on_downstream_write_resumed(self) -> None:
+        self.downstream_write_paused = False
         for listener in self._watermark_listeners:
             listener.on_downstream_write_resumed()
 

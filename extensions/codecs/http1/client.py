@@ -55,6 +55,7 @@ class Http1ClientConnection(BatchedWriter, asyncio.Protocol):
         self._response_ended = False
         self._method = "GET"
         self._trailers: Headers | None = None
+        self._reading_paused = False
         self.init_batched_writes(asyncio.get_event_loop())
 
     # -- pool interface ---------------------------------------------------
@@ -172,10 +173,12 @@ class Http1ClientConnection(BatchedWriter, asyncio.Protocol):
 
     def pause_reading(self) -> None:
         if not self.closed:
+            self._reading_paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
 
     def resume_reading(self) -> None:
         if not self.closed:
+            self._reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
 
     # -- parser callbacks -------------------------------------------------
@@ -231,6 +234,8 @@ class Http1ClientConnection(BatchedWriter, asyncio.Protocol):
     def _maybe_release(self) -> None:
         if self._response_done and self._request_done and self.handler is not None:
             self.handler = None
+            if self._reading_paused:  # back to the pool reading, whoever paused it
+                self.resume_reading()
             self.pool.release(self)
 
     def _protocol_error(self, err: ParseError) -> None:

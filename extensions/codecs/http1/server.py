@@ -163,6 +163,8 @@ class Http1ServerConnection(BatchedWriter, asyncio.Protocol):
         self._trailers = None
         self.stats.downstream_rq_http1_total.value += 1
         stream = self.stream = self.hcm.new_stream(self, head)
+        if self._write_paused:  # still behind with the previous response
+            stream.on_downstream_write_paused()
         stream.decode_headers(not self._request_has_body)
 
     def on_body(self, data: bytes) -> None:

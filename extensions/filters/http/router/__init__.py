@@ -211,6 +211,8 @@ class Router(HttpFilter):
     def _send_request(self, upstream: "UpstreamRequest") -> None:
         """The pool gave ``upstream`` a connection: send what we have."""
         conn = upstream.connection
+        if self.stream.downstream_write_paused:  # the client is behind: read the answer no faster
+            conn.pause_reading()
         request = self.request
         body = self.body
         end_stream = self.request_ended and not body and self.trailers is None

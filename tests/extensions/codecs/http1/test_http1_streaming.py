@@ -512,3 +512,90 @@ def test_response_without_length_reaches_an_http11_client_chunked(proxy, upstrea
     assert body == b"".join(pieces)
     assert trailers == b""
     assert head2.startswith(b"HTTP/1.1 200") and body2 == body
+
+
+# -- a pause that outlives its stream -----------------------------------------
+
+
+class Downloads(asyncio.Protocol):
+    """Answers each request on the connection with the next of ``sizes``
+    bytes, as fast as the connection takes them; ``state["sent"][i]`` is how
+    far response ``i`` got."""
+
+    def __init__(self, sizes: list[int], base: bytes, state: dict[str, Any]) -> None:
+        self.sizes = sizes
+        self.base = base
+        self.state = state
+        self.paused = False
+        self.buf = b""
+        self.current = -1
+        self.left = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self.next()
+
+    def next(self) -> None:
+        if self.left or b"\r\n\r\n" not in self.buf or self.current + 1 >= len(self.sizes):
+            return
+        _, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        self.current += 1
+        self.left = self.sizes[self.current]
+        self.state["sent"].append(0)
+        self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % self.left)
+        self.pump()
+
+    def pump(self) -> None:
+        while not self.paused and self.left:
+            chunk = self.base[: min(len(self.base), self.left)]
+            self.left -= len(chunk)
+            self.state["sent"][self.current] += len(chunk)
+            self.transport.write(chunk)
+        if not self.left:
+            self.next()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.pump()
+
+
+def test_a_client_still_behind_when_its_next_response_starts_holds_that_one_back_too(proxy):
+    # A client that reads slowly pipelines a second GET once the first
+    # response has left the upstream but not yet reached it: the proxy's
+    # write buffer to the client is still above its high-water mark. The
+    # second response starts in that state and must be held back from the
+    # start, not read whole into the proxy's memory.
+    first = 16 * 1024 * 1024  # more than the kernel buffers hold on the way
+    state: dict[str, Any] = {"sent": []}
+    server, upstream_port = serve(lambda: Downloads([first, BIG], os.urandom(CHUNK), state), sndbuf=CHUNK)
+    try:
+        port = free_port()
+        proc = proxy.start(http_config(port, upstream_port))
+        before = rss_bytes(proc.proc.pid)
+        with connect(port, rcvbuf=CHUNK) as sock:
+            sock.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+            read = 0
+            deadline = time.monotonic() + 20
+            # Read a little at a time until the upstream has sent all of the
+            # first response, then stop reading.
+            while not (state["sent"] and state["sent"][0] == first) and time.monotonic() < deadline:
+                chunk = sock.recv(16 * 1024)
+                if not chunk:
+                    break
+                read += len(chunk)
+                time.sleep(0.001)
+            assert state["sent"][0] == first and read < first, (state, read)
+            time.sleep(0.1)  # the first stream is over; the proxy is still waiting to write its tail
+            sock.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")  # pipelined behind it
+            stalled = wait_until_still(lambda: state["sent"][1] if len(state["sent"]) > 1 else 0)
+            grown = rss_bytes(proc.proc.pid) - before
+        assert stalled < BIG // 2, f"the upstream sent {stalled} of {BIG} bytes of the second response to a stalled client"
+        assert grown < RSS_SLACK, f"the proxy's RSS grew by {grown} bytes"
+    finally:
+        server.stop()
