@@ -8,19 +8,23 @@ worker``), each a whole single-process server less the admin and the sinks:
 each binds every listener with SO_REUSEPORT, so the kernel spreads new
 connections over them, and runs its own pools, access logs and tracer.
 
-Each worker talks to the supervisor over a socket pair. The supervisor sends
-the configuration it validated (so every worker runs exactly that, even if
-the file changed since) and then asks for stats: the worker answers with
-its counters, gauges, histogram buckets and per-host load (one JSON line).
-The supervisor sums them into its own store before every admin read of the
-stats and once a second for the sinks. Counters of a worker that died are
-kept, so totals never go down. ``listener.<address>.worker_<i>.*`` shows how
-the connections were spread, as Envoy's per-worker listener stats do.
+Each worker talks to the supervisor over a socket pair (the frames are
+described below). The supervisor sends the configuration it validated (so
+every worker runs exactly that, even if the file changed since) and then
+asks for stats: the worker answers with its counters, gauges, histogram
+buckets and per-host load. The supervisor sums them into its own store
+before every admin read of the stats and once a second (for the sinks, and
+so that a worker that dies has counted at most a second unseen). Counters of
+a worker that died are kept, so totals never go down; each worker's last
+report after it drained is merged too. ``listener.<address>.worker_<i>.*``
+shows how the connections were spread, as Envoy's per-worker listener stats
+do.
 
-A worker that exits on its own is started again (``server.worker_restarts``,
-and a log line with its exit status). SIGTERM/SIGINT drain the workers and
-then stop the supervisor; SIGUSR1 (reopen access logs) is passed on. A
-worker whose supervisor has gone drains and exits by itself.
+A worker that exits on its own, or misses three stats requests in a row
+(it is killed), is started again (``server.worker_restarts``, and a log
+line with its exit status). SIGTERM/SIGINT drain the workers and then stop
+the supervisor; SIGUSR1 (reopen access logs) is passed on. A worker whose
+supervisor has gone drains and exits by itself.
 """
 
 from __future__ import annotations
