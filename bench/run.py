@@ -5,6 +5,7 @@ upstream, in one run, with the same upstream.
     python3 bench/run.py                 # 12 B and 16 KiB bodies, 10 s each
     python3 bench/run.py --duration 5 --sizes 12
     python3 bench/run.py --targets outrider --access-log /tmp/access.log   # with a file access log
+    python3 bench/run.py --workers 2 --proxy-cpus 0,1   # Outrider workers: 2, Envoy --concurrency 2
 
 The proxy under test is pinned to CPU 0 with one worker; wrk and the upstream
 (nginx) share the other CPUs. Reported per target and body size: requests/s,
