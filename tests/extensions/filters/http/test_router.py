@@ -203,6 +203,32 @@ def test_pending_overflow_gets_503(proxy, upstream):
     assert proc.stat("cluster.backend.upstream_rq_pending_overflow") >= 1
 
 
+def test_pending_overflow_is_not_retried(proxy, upstream):
+    # As in Envoy: a full pending queue answers 503 UO at once; another try
+    # would only queue again, so a retry policy does not apply to it.
+    upstream_port, app = upstream
+    port = free_port()
+    proc = proxy.start(config(
+        port, [f"127.0.0.1:{upstream_port}"],
+        route_extra=", retry_policy: {retry_on: [5xx, reset, connect-failure], num_retries: 3}",
+        cluster_extra="    circuit_breakers: {max_connections: 1, max_pending_requests: 1}",
+    ))
+
+    async def main():
+        async with aiohttp.ClientSession() as session:
+            async def one(i):
+                async with session.get(f"http://127.0.0.1:{port}/delay/0.5") as resp:
+                    return resp.status
+            return await asyncio.gather(*(one(i) for i in range(4)))
+
+    statuses = asyncio.run(main())
+    assert 503 in statuses and 200 in statuses
+    stats = proc.stats()
+    assert stats["cluster.backend.upstream_rq_pending_overflow"] == statuses.count(503)
+    assert stats.get("cluster.backend.upstream_rq_retry", 0) == 0
+    assert stats.get("cluster.backend.upstream_rq_retry_limit_exceeded", 0) == 0
+
+
 def test_upstream_connections_close_after_idle_timeout(proxy, upstream):
     upstream_port, app = upstream
     port = free_port()
