@@ -333,6 +333,63 @@ def start_raw(handler: Callable[[bytes, asyncio.Transport], None], host: str = "
     return srv, bound[0], received
 
 
+def serve_protocol(factory: Callable[[], asyncio.Protocol], sndbuf: int = 0, rcvbuf: int = 0) -> tuple[ThreadedServer, int]:
+    """Run an asyncio server of ``factory`` protocols on 127.0.0.1:<free port>.
+
+    ``sndbuf``/``rcvbuf`` shrink the kernel buffers of accepted sockets (set on
+    the listening socket so they apply from the handshake on), which keeps
+    the bytes the kernel holds small next to what a test measures.
+    """
+    bound: list[int] = []
+
+    async def start() -> Any:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if sndbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind(("127.0.0.1", 0))
+        server = await asyncio.get_running_loop().create_server(factory, sock=sock)
+        bound.append(server.sockets[0].getsockname()[1])
+
+        async def close() -> None:
+            server.close()
+
+        return close
+
+    server = ThreadedServer(start)
+    return server, bound[0]
+
+
+def connect_socket(port: int, timeout: float = 10.0, rcvbuf: int = 0, sndbuf: int = 0) -> socket.socket:
+    """A blocking client socket to 127.0.0.1:``port``, with small kernel
+    buffers when asked (so that what a test holds back stays in the proxy)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if sndbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    sock.settimeout(timeout)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of process ``pid``."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def chunk_at(index: int, base: bytes) -> bytes:
+    """``base`` stamped with its sequence number: a lost, repeated or
+    reordered chunk changes the hash of a transfer."""
+    return index.to_bytes(8, "big") + base[8:]
+
+
 def raw_exchange(port: int, data: bytes, timeout: float = 5.0, host: str = "127.0.0.1") -> bytes:
     """Send ``data`` on a fresh connection; read until the peer closes or
     ``timeout`` passes; return everything read."""

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import pytest
 
-from support import ThreadedServer, free_port
+from support import chunk_at, connect_socket, free_port, rss_bytes, serve_protocol
 
 # Many times what the proxy may hold per stream (transport write buffers of
 # 64 KiB, the 1 MiB per-connection buffer limit), and than the kernel buffers
@@ -51,54 +51,8 @@ clusters:
 """
 
 
-def serve(factory: Callable[[], asyncio.Protocol], sndbuf: int = 0, rcvbuf: int = 0) -> tuple[ThreadedServer, int]:
-    """An asyncio server of ``factory`` protocols on 127.0.0.1:<free port>;
-    ``sndbuf``/``rcvbuf`` shrink the kernel buffers of accepted sockets."""
-    bound: list[int] = []
-
-    async def start() -> Any:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if sndbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.bind(("127.0.0.1", 0))
-        server = await asyncio.get_running_loop().create_server(factory, sock=sock)
-        bound.append(server.sockets[0].getsockname()[1])
-
-        async def close() -> None:
-            server.close()
-
-        return close
-
-    server = ThreadedServer(start)
-    return server, bound[0]
 
 
-def connect(port: int, timeout: float = 10.0, rcvbuf: int = 0, sndbuf: int = 0) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    if sndbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-    sock.settimeout(timeout)
-    sock.connect(("127.0.0.1", port))
-    return sock
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-def chunk_at(index: int, base: bytes) -> bytes:
-    # Each chunk carries its sequence number: a lost, repeated or reordered
-    # chunk changes the hash.
-    return index.to_bytes(8, "big") + base[8:]
 
 
 def wait_until_still(progress: Callable[[], int], still: float = 0.25, limit: float = 3.0) -> int:
@@ -227,12 +181,12 @@ class Download(asyncio.Protocol):
 def test_large_download_to_a_slow_reader_is_intact_and_bounded(proxy):
     base = os.urandom(CHUNK)
     state: dict[str, Any] = {"sent": 0}
-    server, upstream_port = serve(lambda: Download(BIG, base, state), sndbuf=CHUNK)
+    server, upstream_port = serve_protocol(lambda: Download(BIG, base, state), sndbuf=CHUNK)
     try:
         port = free_port()
         proc = proxy.start(http_config(port, upstream_port))
         before = rss_bytes(proc.proc.pid)
-        with connect(port, rcvbuf=CHUNK) as sock:
+        with connect_socket(port, rcvbuf=CHUNK) as sock:
             sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
             head, rest = read_head(sock)
             assert head.startswith(b"HTTP/1.1 200"), head
@@ -302,7 +256,7 @@ class Upload(asyncio.Protocol):
 
 def test_large_upload_to_a_slow_upstream_is_intact_and_bounded(proxy):
     conns: list[Upload] = []
-    server, upstream_port = serve(lambda: Upload(conns), rcvbuf=CHUNK)
+    server, upstream_port = serve_protocol(lambda: Upload(conns), rcvbuf=CHUNK)
     try:
         port = free_port()
         proc = proxy.start(http_config(port, upstream_port))
@@ -310,7 +264,7 @@ def test_large_upload_to_a_slow_upstream_is_intact_and_bounded(proxy):
         base = os.urandom(CHUNK)
         sent = {"n": 0}
         digest = hashlib.sha256()
-        sock = connect(port, timeout=30.0, sndbuf=CHUNK)
+        sock = connect_socket(port, timeout=30.0, sndbuf=CHUNK)
         sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\ncontent-length: %d\r\n\r\n" % BIG)
 
         def send_all() -> None:
@@ -384,11 +338,11 @@ def _chunked_request_done(buf: bytes) -> bool:
 def test_request_trailers_reach_the_upstream(proxy):
     received: list[bytes] = []
     ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-    server, upstream_port = serve(lambda: Recorder(received, _chunked_request_done, ok))
+    server, upstream_port = serve_protocol(lambda: Recorder(received, _chunked_request_done, ok))
     try:
         port = free_port()
         proxy.start(http_config(port, upstream_port))
-        with connect(port, timeout=5.0) as sock:
+        with connect_socket(port, timeout=5.0) as sock:
             sock.sendall(
                 b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n"
                 b"5\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc123\r\nx-count: 2\r\n\r\n"
@@ -427,11 +381,11 @@ def test_response_trailers_reach_the_client(proxy):
         b"4\r\nabcd\r\n3\r\nefg\r\n0\r\nx-checksum: 7\r\nx-status: done\r\n\r\n"
     )
     received: list[bytes] = []
-    server, upstream_port = serve(lambda: Recorder(received, lambda b: b"\r\n\r\n" in b, response))
+    server, upstream_port = serve_protocol(lambda: Recorder(received, lambda b: b"\r\n\r\n" in b, response))
     try:
         port = free_port()
         proc = proxy.start(http_config(port, upstream_port))
-        with connect(port, timeout=5.0) as sock:
+        with connect_socket(port, timeout=5.0) as sock:
             sock.sendall(b"GET /down HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n")
             head, rest = read_head(sock)
             body, trailers = read_chunked(sock, rest)
@@ -490,11 +444,11 @@ class Streamer(asyncio.Protocol):
 @pytest.mark.parametrize("upstream_framing", ["chunked", "close_delimited"])
 def test_response_without_length_reaches_an_http11_client_chunked(proxy, upstream_framing):
     pieces = [os.urandom(n) for n in (1, 70_000, 333, 200_000)]
-    server, upstream_port = serve(lambda: Streamer(pieces, upstream_framing == "chunked"))
+    server, upstream_port = serve_protocol(lambda: Streamer(pieces, upstream_framing == "chunked"))
     try:
         port = free_port()
         proxy.start(http_config(port, upstream_port))
-        with connect(port, timeout=5.0) as sock:
+        with connect_socket(port, timeout=5.0) as sock:
             sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
             head, rest = read_head(sock)
             body, trailers = read_chunked(sock, rest)
@@ -573,12 +527,12 @@ def test_a_client_still_behind_when_its_next_response_starts_holds_that_one_back
     # start, not read whole into the proxy's memory.
     first = 16 * 1024 * 1024  # more than the kernel buffers hold on the way
     state: dict[str, Any] = {"sent": []}
-    server, upstream_port = serve(lambda: Downloads([first, BIG], os.urandom(CHUNK), state), sndbuf=CHUNK)
+    server, upstream_port = serve_protocol(lambda: Downloads([first, BIG], os.urandom(CHUNK), state), sndbuf=CHUNK)
     try:
         port = free_port()
         proc = proxy.start(http_config(port, upstream_port))
         before = rss_bytes(proc.proc.pid)
-        with connect(port, rcvbuf=CHUNK) as sock:
+        with connect_socket(port, rcvbuf=CHUNK) as sock:
             sock.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
             read = 0
             deadline = time.monotonic() + 20

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import pytest
 
-from support import ThreadedServer, free_port
+from support import chunk_at, connect_socket, free_port, rss_bytes, serve_protocol
 
 # Big enough that the proxy holding it in memory would show: several times
 # the proxy's own write buffer limit (1 MiB) plus what the kernel buffers.
@@ -30,34 +30,6 @@ CHUNK = 64 * 1024
 
 # -- upstream servers ----------------------------------------------------------
 
-
-def serve(factory: Callable[[], asyncio.Protocol], sndbuf: int = 0, rcvbuf: int = 0) -> tuple[ThreadedServer, int]:
-    """Run an asyncio server of ``factory`` protocols on 127.0.0.1:<free port>.
-
-    ``sndbuf``/``rcvbuf`` shrink the kernel buffers of accepted sockets (set on
-    the listening socket so they apply from the handshake on), which keeps
-    the bytes the kernel holds small next to what a test measures.
-    """
-    bound: list[int] = []
-
-    async def start() -> Any:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if sndbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.bind(("127.0.0.1", 0))
-        server = await asyncio.get_running_loop().create_server(factory, sock=sock)
-        bound.append(server.sockets[0].getsockname()[1])
-
-        async def close() -> None:
-            server.close()
-
-        return close
-
-    server = ThreadedServer(start)
-    return server, bound[0]
 
 
 class Echo(asyncio.Protocol):
@@ -97,7 +69,7 @@ class Echo(asyncio.Protocol):
 def echo_upstream():
     """``(port, events)`` of a raw TCP echo server."""
     events: list[str] = []
-    server, port = serve(lambda: Echo(events))
+    server, port = serve_protocol(lambda: Echo(events))
     yield port, events
     server.stop()
 
@@ -118,16 +90,6 @@ clusters:
 {cluster_extra}
 """
 
-
-def connect(port: int, timeout: float = 5.0, rcvbuf: int = 0, sndbuf: int = 0) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    if sndbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-    sock.settimeout(timeout)
-    sock.connect(("127.0.0.1", port))
-    return sock
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -168,18 +130,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     return predicate()
 
 
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-def chunk_at(index: int, base: bytes) -> bytes:
-    # Each chunk carries its own sequence number: reordered or repeated
-    # chunks change the hash.
-    return index.to_bytes(8, "big") + base[8:]
 
 
 # -- tests -----------------------------------------------------------------------
@@ -190,7 +140,7 @@ def test_bytes_flow_both_ways_and_stats(proxy, echo_upstream):
     port = free_port()
     proc = proxy.start(tcp_config(port, [f"127.0.0.1:{upstream_port}"]))
     sent = 0
-    with connect(port) as sock:
+    with connect_socket(port) as sock:
         for i in range(20):
             msg = f"message {i} ".encode() * (i + 1)
             sock.sendall(msg)
@@ -220,7 +170,7 @@ def test_stat_prefix_and_many_connections(proxy, echo_upstream):
     upstream_port, _ = echo_upstream
     port = free_port()
     proc = proxy.start(tcp_config(port, [f"127.0.0.1:{upstream_port}"], tcp_extra=", stat_prefix: db"))
-    socks = [connect(port) for _ in range(10)]
+    socks = [connect_socket(port) for _ in range(10)]
     try:
         for i, sock in enumerate(socks):
             sock.sendall(b"x%d" % i)
@@ -238,11 +188,11 @@ def test_stat_prefix_and_many_connections(proxy, echo_upstream):
 
 def test_upstream_that_speaks_first(proxy):
     events: list[str] = []
-    server, upstream_port = serve(lambda: Echo(events, greeting=b"220 ready\r\n"))
+    server, upstream_port = serve_protocol(lambda: Echo(events, greeting=b"220 ready\r\n"))
     try:
         port = free_port()
         proxy.start(tcp_config(port, [f"127.0.0.1:{upstream_port}"]))
-        with connect(port) as sock:
+        with connect_socket(port) as sock:
             assert recv_exactly(sock, 11) == b"220 ready\r\n"
             sock.sendall(b"QUIT\r\n")
             assert recv_exactly(sock, 6) == b"QUIT\r\n"
@@ -254,7 +204,7 @@ def test_client_half_close_upstream_still_answers(proxy, echo_upstream):
     upstream_port, events = echo_upstream
     port = free_port()
     proc = proxy.start(tcp_config(port, [f"127.0.0.1:{upstream_port}"]))
-    with connect(port) as sock:
+    with connect_socket(port) as sock:
         sock.sendall(b"last words")
         sock.shutdown(socket.SHUT_WR)
         data, closed = read_to_close(sock)
@@ -291,11 +241,11 @@ class EarlyEof(asyncio.Protocol):
 
 def test_upstream_half_close_client_can_still_send(proxy):
     received: list[bytes] = []
-    server, upstream_port = serve(lambda: EarlyEof(received))
+    server, upstream_port = serve_protocol(lambda: EarlyEof(received))
     try:
         port = free_port()
         proxy.start(tcp_config(port, [f"127.0.0.1:{upstream_port}"]))
-        with connect(port) as sock:
+        with connect_socket(port) as sock:
             data, closed = read_to_close(sock)
             assert (data, closed) == (b"greeting", True)  # EOF passed on
             sock.sendall(b"after your eof")  # the other direction is still open
@@ -310,7 +260,7 @@ def test_upstream_refuses(proxy):
     port = free_port()
     dead = free_port()  # nothing listens here: connect is refused
     proc = proxy.start(tcp_config(port, [f"127.0.0.1:{dead}"]))
-    with connect(port) as sock:
+    with connect_socket(port) as sock:
         sock.sendall(b"hello?")
         data, closed = read_to_close(sock)
     assert (data, closed) == (b"", True)
@@ -342,7 +292,7 @@ def test_connect_timeout(proxy):
         time.sleep(0.2)
         port = free_port()
         proc = proxy.start(tcp_config(port, [f"127.0.0.1:{stuck_port}"], cluster_extra="    connect_timeout: 500ms"))
-        with connect(port) as sock:
+        with connect_socket(port) as sock:
             start = time.monotonic()
             data, closed = read_to_close(sock, timeout=5.0)
             elapsed = time.monotonic() - start
@@ -364,10 +314,10 @@ def test_max_connections_circuit_breaker(proxy, echo_upstream):
     proc = proxy.start(tcp_config(
         port, [f"127.0.0.1:{upstream_port}"], cluster_extra="    circuit_breakers: {max_connections: 1}",
     ))
-    with connect(port) as first:
+    with connect_socket(port) as first:
         first.sendall(b"one")
         assert recv_exactly(first, 3) == b"one"
-        with connect(port) as second:
+        with connect_socket(port) as second:
             data, closed = read_to_close(second)
             assert (data, closed) == (b"", True)
         assert proc.stat("cluster.echo.upstream_cx_overflow") == 1
@@ -385,7 +335,7 @@ def test_connect_failure_is_retried_on_another_host(proxy, echo_upstream):
         port, [f"127.0.0.1:{dead}", f"127.0.0.1:{upstream_port}"], tcp_extra=", max_connect_attempts: 2",
     ))
     for i in range(4):
-        with connect(port) as sock:
+        with connect_socket(port) as sock:
             sock.sendall(b"try %d" % i)
             assert recv_exactly(sock, 5) == b"try %d" % i
     stats = proc.stats()
@@ -398,7 +348,7 @@ def test_idle_timeout_closes_both_sides(proxy, echo_upstream):
     upstream_port, events = echo_upstream
     port = free_port()
     proc = proxy.start(tcp_config(port, [f"127.0.0.1:{upstream_port}"], idle="1s"))
-    with connect(port) as sock:
+    with connect_socket(port) as sock:
         # Traffic every 0.3s for 1.5s: longer than the idle timeout in all,
         # never idle for it.
         for i in range(5):
@@ -421,7 +371,7 @@ def test_idle_timeout_zero_disables(proxy, echo_upstream):
     upstream_port, _ = echo_upstream
     port = free_port()
     proc = proxy.start(tcp_config(port, [f"127.0.0.1:{upstream_port}"], idle="0s"))
-    with connect(port) as sock:
+    with connect_socket(port) as sock:
         sock.sendall(b"a")
         assert recv_exactly(sock, 1) == b"a"
         time.sleep(1.5)
@@ -436,7 +386,7 @@ def test_max_downstream_connection_duration(proxy, echo_upstream):
     proc = proxy.start(tcp_config(
         port, [f"127.0.0.1:{upstream_port}"], idle="10s", tcp_extra=", max_downstream_connection_duration: 1s",
     ))
-    with connect(port) as sock:
+    with connect_socket(port) as sock:
         start = time.monotonic()
         closed = False
         while time.monotonic() - start < 4.0:
@@ -460,7 +410,7 @@ def test_upstream_reset_closes_downstream(proxy, echo_upstream):
     upstream_port, _ = echo_upstream
     port = free_port()
     proc = proxy.start(tcp_config(port, [f"127.0.0.1:{upstream_port}"]))
-    with connect(port) as sock:
+    with connect_socket(port) as sock:
         sock.sendall(b"reset")
         data, closed = read_to_close(sock)
     assert closed and data == b""
@@ -473,7 +423,7 @@ def test_downstream_reset_closes_upstream(proxy, echo_upstream):
     upstream_port, events = echo_upstream
     port = free_port()
     proc = proxy.start(tcp_config(port, [f"127.0.0.1:{upstream_port}"]))
-    sock = connect(port)
+    sock = connect_socket(port)
     sock.sendall(b"hi")
     assert recv_exactly(sock, 2) == b"hi"
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -524,12 +474,12 @@ class Source(asyncio.Protocol):
 def test_large_download_to_a_slow_reader_is_intact_and_bounded(proxy):
     base = os.urandom(CHUNK)
     state: dict[str, Any] = {"sent": 0}
-    server, upstream_port = serve(lambda: Source(BIG, base, state), sndbuf=CHUNK)
+    server, upstream_port = serve_protocol(lambda: Source(BIG, base, state), sndbuf=CHUNK)
     try:
         port = free_port()
         proc = proxy.start(tcp_config(port, [f"127.0.0.1:{upstream_port}"], idle="30s"))
         before = rss_bytes(proc.proc.pid)
-        with connect(port, timeout=10.0, rcvbuf=CHUNK) as sock:
+        with connect_socket(port, timeout=10.0, rcvbuf=CHUNK) as sock:
             digest = hashlib.sha256()
             first = recv_exactly(sock, CHUNK)
             digest.update(first)
@@ -581,7 +531,7 @@ class Sink(asyncio.Protocol):
 
 
 def test_large_upload_to_a_slow_upstream_is_intact_and_bounded(proxy):
-    server, upstream_port = serve(lambda: Sink(stall=2.5), rcvbuf=CHUNK)
+    server, upstream_port = serve_protocol(lambda: Sink(stall=2.5), rcvbuf=CHUNK)
     try:
         port = free_port()
         proc = proxy.start(tcp_config(port, [f"127.0.0.1:{upstream_port}"], idle="30s"))
@@ -589,7 +539,7 @@ def test_large_upload_to_a_slow_upstream_is_intact_and_bounded(proxy):
         base = os.urandom(CHUNK)
         sent = {"n": 0}
         digest = hashlib.sha256()
-        sock = connect(port, timeout=30.0, sndbuf=CHUNK)
+        sock = connect_socket(port, timeout=30.0, sndbuf=CHUNK)
 
         def send_all() -> None:
             for i in range(BIG // CHUNK):
@@ -624,7 +574,7 @@ def test_draining_lets_open_connections_finish(proxy, echo_upstream):
     upstream_port, _ = echo_upstream
     port = free_port()
     proc = proxy.start(tcp_config(port, [f"127.0.0.1:{upstream_port}"], idle="30s"))
-    with connect(port) as sock:
+    with connect_socket(port) as sock:
         sock.sendall(b"before")
         assert recv_exactly(sock, 6) == b"before"
         proc.proc.send_signal(signal.SIGTERM)
