@@ -333,6 +333,16 @@ def start_raw(handler: Callable[[bytes, asyncio.Transport], None], host: str = "
     return srv, bound[0], received
 
 
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
 def serve_protocol(factory: Callable[[], asyncio.Protocol], sndbuf: int = 0, rcvbuf: int = 0) -> tuple[ThreadedServer, int]:
     """Run an asyncio server of ``factory`` protocols on 127.0.0.1:<free port>.
 

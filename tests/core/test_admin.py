@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import re
 import socket
-import time
 
 import pytest
 
 import outrider
-from support import free_port, http_get, port_in_use
+from support import free_port, http_get, port_in_use, wait_for
 
 
 def admin_config(port: int, upstream_port: int, dead_port: int) -> str:
@@ -87,14 +86,6 @@ def parse_stats_text(body: str) -> dict[str, int]:
         stats[name] = int(value)
     return stats
 
-
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def test_stats_count_real_traffic(running):

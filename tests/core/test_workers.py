@@ -13,7 +13,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import free_port, http_get
+from support import free_port, http_get, wait_for
 
 
 def config(port: int, upstream_port: int, workers: int | str = 2, extra_top: str = "") -> str:
@@ -60,14 +60,6 @@ def alive(pid: int) -> bool:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
 
 def test_two_workers_share_the_port_and_the_admin_sums_their_stats(proxy, upstream):
     upstream_port, _ = upstream
@@ -110,7 +102,7 @@ def test_a_worker_that_dies_is_replaced_and_totals_do_not_go_down(proxy, upstrea
     before = proc.stats()
     victim = server_info(proc)["worker_pids"][0]
     os.kill(victim, signal.SIGKILL)
-    assert wait_for(lambda: victim not in server_info(proc)["worker_pids"] and len(server_info(proc)["worker_pids"]) == 2)
+    assert wait_for(lambda: victim not in server_info(proc)["worker_pids"] and len(server_info(proc)["worker_pids"]) == 2, timeout=10)
     assert proc.stat("server.worker_restarts") == 1
     assert re.search(rf"worker 0 \(pid {victim}\) exited with status -9; starting another", proc.output())
     # Requests keep working (on both workers), and what the dead one counted is kept.
@@ -167,13 +159,13 @@ def test_workers_share_one_access_log_and_reopen_it_on_sigusr1(proxy, upstream, 
 """
     proc = proxy.start(config(port, upstream_port).replace("clusters:", access_log + "clusters:", 1))
     assert [get(port, f"/a{i}") for i in range(30)] == [200] * 30
-    assert wait_for(lambda: path.exists() and len(path.read_text().splitlines()) == 30)
+    assert wait_for(lambda: path.exists() and len(path.read_text().splitlines()) == 30, timeout=10)
     assert sorted(path.read_text().splitlines()) == sorted(f"/a{i} 200" for i in range(30))  # whole lines only
     path.rename(tmp_path / "access.log.1")  # what logrotate does, then it signals
     proc.proc.send_signal(signal.SIGUSR1)
     time.sleep(0.3)
     assert [get(port, f"/b{i}") for i in range(10)] == [200] * 10
-    assert wait_for(lambda: path.exists() and len(path.read_text().splitlines()) == 10)
+    assert wait_for(lambda: path.exists() and len(path.read_text().splitlines()) == 10, timeout=10)
     assert sorted(path.read_text().splitlines()) == sorted(f"/b{i} 200" for i in range(10))
 
 

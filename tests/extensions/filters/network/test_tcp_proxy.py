@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import pytest
 
-from support import chunk_at, connect_socket, free_port, rss_bytes, serve_protocol
+from support import chunk_at, connect_socket, free_port, rss_bytes, serve_protocol, wait_for
 
 # Big enough that the proxy holding it in memory would show: several times
 # the proxy's own write buffer limit (1 MiB) plus what the kernel buffers.
@@ -120,14 +120,6 @@ def read_to_close(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes, boo
         buf += chunk
     return bytes(buf), False
 
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 
