@@ -341,14 +341,12 @@ class ActiveStream:
             self.request_id = rid
         if hcm.use_remote_address:
             remote = self.connection.remote_ip
-            xff = headers.get("x-forwarded-for")
-            if xff is None:
+            hops = headers.get_all("x-forwarded-for")
+            if not hops:
                 headers.append(("x-forwarded-for", remote))
             else:
                 # Repeated lines are one list (RFC 9110 5.3): keep every hop.
-                hops = headers.get_all("x-forwarded-for")
-                prior = hops[0] if len(hops) == 1 else ", ".join(hops)
-                headers.set("x-forwarded-for", f"{prior}, {remote}")
+                headers.set("x-forwarded-for", f"{', '.join(hops)}, {remote}")
             headers.set("x-forwarded-proto", request.scheme)
         elif not headers.has("x-forwarded-proto"):
             headers.append(("x-forwarded-proto", request.scheme))

@@ -142,6 +142,7 @@ class Http1ClientConnection(BatchedWriter, asyncio.Protocol):
             self._protocol_error(err)
 
     def eof_received(self) -> bool:
+        self._keep_alive = False
         try:
             self.parser.feed_eof()  # completes a response delimited by the close
         except ParseError:
@@ -149,10 +150,7 @@ class Http1ClientConnection(BatchedWriter, asyncio.Protocol):
             # response but a connection termination (Envoy's UC), which
             # connection_lost reports. Abort: a close would first wait for
             # request bytes the upstream may never read.
-            self._keep_alive = False
             self.abort()
-            return True
-        self._keep_alive = False
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:

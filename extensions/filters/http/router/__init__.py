@@ -205,7 +205,6 @@ class Router(HttpFilter):
         if self._retry_allowed("per_try_timeout"):
             self._attempt()
             return
-        self._note_retries_exhausted(self.retry is not None and self.retry.retry_reset("per_try_timeout"))
         self._fail(504, "upstream request timeout\n", "upstream_per_try_timeout", "UT")
 
     def _send_request(self, upstream: "UpstreamRequest") -> None:
@@ -241,7 +240,6 @@ class Router(HttpFilter):
         if self._retry_allowed(reason):
             self._attempt()
             return
-        self._note_retries_exhausted(self.retry is not None and self.retry.retry_reset(reason))
         if reason == "overflow":
             self._fail(503, "upstream overflow\n", "upstream_overflow", "UO")
         elif reason in ("connect_failure", "connect_timeout"):
@@ -253,18 +251,21 @@ class Router(HttpFilter):
 
     def _retry_allowed(self, reason: str) -> bool:
         retry = self.retry
-        if retry is None or retry.remaining <= 0 or not retry.retry_reset(reason):
+        if retry is None or not retry.retry_reset(reason):
+            return False
+        if retry.remaining <= 0:
+            self._note_retries_exhausted()
             return False
         if not self.request_ended and self.body is None:
             return False
         return self._use_retry()
 
-    def _note_retries_exhausted(self, retriable: bool) -> None:
+    def _note_retries_exhausted(self) -> None:
         """The outcome was one the policy retries, but no retry is left:
-        Envoy's URX flag and ``upstream_rq_retry_limit_exceeded``."""
-        if retriable and self.retry.remaining <= 0:  # type: ignore[union-attr]
-            self.cluster.stats.upstream_rq_retry_limit_exceeded.value += 1
-            self.retry_limit_exceeded = True  # URX, after the failure's own flag
+        Envoy's URX flag (added after the failure's own, or to the
+        upstream's answer) and ``upstream_rq_retry_limit_exceeded``."""
+        self.cluster.stats.upstream_rq_retry_limit_exceeded.value += 1
+        self.retry_limit_exceeded = True
 
     def _use_retry(self) -> bool:
         assert self.retry is not None
@@ -310,7 +311,7 @@ class Router(HttpFilter):
             self._attempt()
             return False
         if retry is not None and not retry.remaining and retry.retry_status(head.status):
-            self._note_retries_exhausted(True)
+            self._note_retries_exhausted()
             self.stream.add_response_flag("URX")  # the upstream's answer goes down as is
         if self.attempts > 1:
             self.cluster.stats.upstream_rq_retry_success.value += 1
