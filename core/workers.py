@@ -340,17 +340,8 @@ class Supervisor:
             worker.reading = None
         worker.close_channel()
         report, worker.report = worker.report, None
-        if report is None:
-            return
-        for name, value in report["counters"].items():
-            self._retired_counters[name] = self._retired_counters.get(name, 0) + value
-            if name.startswith("listener.") and name.endswith(_PER_WORKER):
-                per_worker = _per_worker_name(name, worker.index)
-                self._retired_counters[per_worker] = self._retired_counters.get(per_worker, 0) + value
-        for name, (counts, total) in report["histograms"].items():
-            kept = self._retired_histograms.setdefault(name, [[0] * len(counts), 0.0])
-            kept[0] = [a + b for a, b in zip(kept[0], counts)]
-            kept[1] += total
+        if report is not None:
+            _add_counts(report, worker.index, self._retired_counters, self._retired_histograms)
 
     # -- stats ------------------------------------------------------------------
 
@@ -391,11 +382,7 @@ class Supervisor:
             report = worker.report
             if report is None:
                 continue
-            for name, value in report["counters"].items():
-                counters[name] = counters.get(name, 0) + value
-                if name.startswith("listener.") and name.endswith(_PER_WORKER):
-                    per_worker = _per_worker_name(name, worker.index)
-                    counters[per_worker] = counters.get(per_worker, 0) + value
+            _add_counts(report, worker.index, counters, histograms)
             for name, value in report["gauges"].items():
                 if name == "server.memory_allocated":
                     memory += value
@@ -405,10 +392,6 @@ class Supervisor:
                     per_worker = _per_worker_name(name, worker.index)
                     self._per_worker_gauges.add(per_worker)
                     gauges[per_worker] = value
-            for name, (counts, total) in report["histograms"].items():
-                merged = histograms.setdefault(name, [[0] * len(counts), 0.0])
-                merged[0] = [a + b for a, b in zip(merged[0], counts)]
-                merged[1] += total
             for cluster, entries in report["hosts"].items():
                 for address, connections, requests in entries:
                     load = hosts.setdefault((cluster, address), [0, 0])
@@ -458,6 +441,22 @@ class Supervisor:
         for worker in self.workers:
             worker.close_channel()
         self._merge()
+
+
+def _add_counts(
+    report: dict[str, Any], index: int, counters: dict[str, int], histograms: dict[str, list[Any]]
+) -> None:
+    """Add worker ``index``'s counters (and their per-worker copies) and
+    histogram buckets from ``report`` to the running sums."""
+    for name, value in report["counters"].items():
+        counters[name] = counters.get(name, 0) + value
+        if name.startswith("listener.") and name.endswith(_PER_WORKER):
+            per_worker = _per_worker_name(name, index)
+            counters[per_worker] = counters.get(per_worker, 0) + value
+    for name, (counts, total) in report["histograms"].items():
+        summed = histograms.setdefault(name, [[0] * len(counts), 0.0])
+        summed[0] = [a + b for a, b in zip(summed[0], counts)]
+        summed[1] += total
 
 
 def _per_worker_name(name: str, index: int) -> str:
