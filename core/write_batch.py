@@ -17,8 +17,9 @@ batched_write`. What one protocol writes in a batch goes out in one
 ``call_soon`` callback, so they follow everything the loop is handling now
 and come before it polls again, without waiting. Before closing the
 transport, call :meth:`~BatchedWriter.flush_writes`, so that what is held is
-not lost; an aborted transport drops it, as abort drops the transport's own
-buffer.
+not lost (:meth:`~BatchedWriter.close_after_writes` and
+:meth:`~BatchedWriter.write_eof_after_writes` do both); an aborted transport
+drops it, as abort drops the transport's own buffer.
 """
 
 from __future__ import annotations
@@ -98,3 +99,14 @@ class BatchedWriter:
             transport.write(held[0])
         else:
             transport.writelines(held)
+
+    def close_after_writes(self) -> None:
+        """Close the transport once what is held went out (it then sends
+        what it buffers, and the FIN)."""
+        self.flush_writes()
+        self.transport.close()  # type: ignore[union-attr]
+
+    def write_eof_after_writes(self) -> None:
+        """Half-close once what is held went out."""
+        self.flush_writes()
+        self.transport.write_eof()  # type: ignore[union-attr]

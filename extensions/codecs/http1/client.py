@@ -68,9 +68,8 @@ class Http1ClientConnection(BatchedWriter, asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
-            self.flush_writes()
             self.closed = True
-            self.transport.close()
+            self.close_after_writes()
 
     def abort(self) -> None:
         if not self.closed and self.transport is not None:

@@ -353,9 +353,8 @@ class Http1ServerConnection(BatchedWriter, asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
-            self.flush_writes()
             self.closed = True
-            self.transport.close()
+            self.close_after_writes()
 
     def _abort(self) -> None:
         self.flush_writes()

@@ -131,8 +131,7 @@ class _Side(BatchedWriter, asyncio.Protocol):
         if peer.eof or peer.lost:
             self.close_pair(abort=False)
         elif peer.transport.can_write_eof():
-            peer.flush_writes()  # the bytes before the EOF go first
-            peer.transport.write_eof()
+            peer.write_eof_after_writes()
         else:
             # The peer cannot be half-closed (e.g. TLS): end the whole pipe.
             self.close_pair(abort=False)
@@ -185,8 +184,7 @@ class UpstreamConnection(_Side):
         if not down.lost and down.transport is not None:
             # Flush what the upstream already sent, then close (Envoy's FlushWrite).
             down.closing = True
-            down.flush_writes()
-            down.transport.close()
+            down.close_after_writes()
         down.maybe_finished()
 
     def pause_writing(self) -> None:
@@ -309,8 +307,7 @@ class DownstreamConnection(LogInfoDefaults, _Side):
         self._cancel_connect()
         up = self.peer
         if up is not None and not up.lost and up.transport is not None:
-            up.flush_writes()
-            up.transport.close()
+            up.close_after_writes()
         self.listener.connection_closed(self)
         self.maybe_finished()
 
@@ -411,8 +408,7 @@ class DownstreamConnection(LogInfoDefaults, _Side):
                 if abort:
                     side.transport.abort()
                 else:
-                    side.flush_writes()
-                    side.transport.close()
+                    side.close_after_writes()
 
     def maybe_finished(self) -> None:
         """Both sockets are gone: drop the timers, write the access log."""
